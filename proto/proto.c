@@ -30,25 +30,36 @@ static void put32(uint8_t *p, uint32_t v)
 const char *proto_strerror(int err)
 {
     switch (err) {
-    case 0: return "ok";
-    case PROTO_E_SHORT: return "incomplete frame";
-    case PROTO_E_VERSION: return "unsupported protocol version";
-    case PROTO_E_TYPE: return "unknown frame type";
-    case PROTO_E_FLAGS: return "undefined flag set";
-    case PROTO_E_LENGTH: return "bad payload length";
-    case PROTO_E_STREAM: return "frame on the wrong stream";
-    case PROTO_E_PAYLOAD: return "malformed payload";
-    case PROTO_E_KIND: return "unknown stream kind";
-    case PROTO_E_JSON: return "malformed control message";
-    default: return "unknown error";
+    case 0:
+        return "ok";
+    case PROTO_E_SHORT:
+        return "incomplete frame";
+    case PROTO_E_VERSION:
+        return "unsupported protocol version";
+    case PROTO_E_TYPE:
+        return "unknown frame type";
+    case PROTO_E_FLAGS:
+        return "undefined flag set";
+    case PROTO_E_LENGTH:
+        return "bad payload length";
+    case PROTO_E_STREAM:
+        return "frame on the wrong stream";
+    case PROTO_E_PAYLOAD:
+        return "malformed payload";
+    case PROTO_E_KIND:
+        return "unknown stream kind";
+    case PROTO_E_JSON:
+        return "malformed control message";
+    default:
+        return "unknown error";
     }
 }
 
 const char *proto_type_name(int type)
 {
     static const char *const names[] = {
-        NULL,   "HELLO",  "OPEN", "OPEN_OK", "OPEN_FAIL", "DATA",
-        "CREDIT", "RST", "PING", "PONG",     "GOAWAY",    "CONTROL",
+        NULL,     "HELLO", "OPEN", "OPEN_OK", "OPEN_FAIL", "DATA",
+        "CREDIT", "RST",   "PING", "PONG",    "GOAWAY",    "CONTROL",
     };
     if (type <= 0 || type > PROTO_CONTROL)
         return "UNKNOWN";
@@ -58,9 +69,18 @@ const char *proto_type_name(int type)
 const char *proto_code_name(uint32_t code)
 {
     static const char *const names[] = {
-        "ok",          "protocol error", "flow control error", "too many streams",
-        "connection refused", "unreachable", "timed out", "unsupported",
-        "forbidden",   "internal error", "cancelled", "shutting down",
+        "ok",
+        "protocol error",
+        "flow control error",
+        "too many streams",
+        "connection refused",
+        "unreachable",
+        "timed out",
+        "unsupported",
+        "forbidden",
+        "internal error",
+        "cancelled",
+        "shutting down",
         "replaced by a newer connection",
     };
     if (code > PROTO_CODE_MAX)
@@ -76,17 +96,26 @@ static int check_length(const struct proto_header *h, uint32_t max_data)
 {
     uint32_t n = h->length;
     switch (h->type) {
-    case PROTO_HELLO: return n <= PROTO_MAX_HELLO_SETTINGS * 6u && n % 6u == 0;
-    case PROTO_OPEN: return n >= 4 && n <= PROTO_MAX_OPEN;
-    case PROTO_OPEN_OK: return n == 0;
+    case PROTO_HELLO:
+        return n <= PROTO_MAX_HELLO_SETTINGS * 6u && n % 6u == 0;
+    case PROTO_OPEN:
+        return n >= 4 && n <= PROTO_MAX_OPEN;
+    case PROTO_OPEN_OK:
+        return n == 0;
     case PROTO_OPEN_FAIL:
-    case PROTO_RST: return n >= 4 && n <= PROTO_REASON_MAX;
-    case PROTO_DATA: return n <= max_data;
-    case PROTO_CREDIT: return n == 8;
+    case PROTO_RST:
+        return n >= 4 && n <= PROTO_REASON_MAX;
+    case PROTO_DATA:
+        return n <= max_data;
+    case PROTO_CREDIT:
+        return n == 8;
     case PROTO_PING:
-    case PROTO_PONG: return n == PROTO_PING_SIZE;
-    case PROTO_GOAWAY: return n >= 8 && n <= PROTO_GOAWAY_MAX;
-    case PROTO_CONTROL: return n > 0 && n <= PROTO_MAX_CONTROL;
+    case PROTO_PONG:
+        return n == PROTO_PING_SIZE;
+    case PROTO_GOAWAY:
+        return n >= 8 && n <= PROTO_GOAWAY_MAX;
+    case PROTO_CONTROL:
+        return n > 0 && n <= PROTO_MAX_CONTROL;
     }
     return 0;
 }
@@ -160,7 +189,8 @@ int proto_hello_decode(const uint8_t *p, size_t len, struct proto_hello *out)
                 return PROTO_E_PAYLOAD;
             out->max_streams = v;
             break;
-        default: break; /* unknown settings are ignored: forward compatibility */
+        default:
+            break; /* unknown settings are ignored: forward compatibility */
         }
     }
     return 0;
@@ -215,8 +245,10 @@ int proto_open_decode(const uint8_t *p, size_t len, struct proto_open *out)
         out->host[hl] = '\0';
         return 0;
     }
-    case PROTO_KIND_SSH: return len == 0 ? 0 : PROTO_E_PAYLOAD;
-    default: return PROTO_E_KIND;
+    case PROTO_KIND_SSH:
+        return len == 0 ? 0 : PROTO_E_PAYLOAD;
+    default:
+        return PROTO_E_KIND;
     }
 }
 
@@ -237,8 +269,10 @@ int proto_open_encode(const struct proto_open *o, uint8_t *out, size_t cap)
         memcpy(out + 7, o->host, hl);
         return (int)(7 + hl);
     }
-    case PROTO_KIND_SSH: return 4;
-    default: return PROTO_E_KIND;
+    case PROTO_KIND_SSH:
+        return 4;
+    default:
+        return PROTO_E_KIND;
     }
 }
 
@@ -315,11 +349,11 @@ void proto_credit_encode(uint64_t offset, uint8_t out[8])
 
 /* ---- control messages ---- */
 
-#define FAIL(...)                                                                              \
-    do {                                                                                       \
-        if (err && errlen)                                                                     \
-            snprintf(err, errlen, __VA_ARGS__);                                                \
-        return PROTO_E_JSON;                                                                   \
+#define FAIL(...)                                                                                  \
+    do {                                                                                           \
+        if (err && errlen)                                                                         \
+            snprintf(err, errlen, __VA_ARGS__);                                                    \
+        return PROTO_E_JSON;                                                                       \
     } while (0)
 
 /* Longest string member we accept in a known control message. */
@@ -370,6 +404,8 @@ static int want_string_map(const json_t *o, const char *key, char *err, size_t e
     {
         if (!json_is_string(e))
             FAIL("\"%s\".\"%s\" must be a string", key, k);
+        if (strlen(k) > PROTO_MAX_FIELD || json_string_length(e) > PROTO_MAX_FIELD)
+            FAIL("\"%s\" has a name or value longer than %u bytes", key, PROTO_MAX_FIELD);
     }
     return 0;
 }
@@ -402,8 +438,7 @@ int proto_control_validate(const json_t *msg, char *err, size_t errlen)
         if (want_string(msg, "workspace", 1, err, errlen) ||
             want_string(msg, "owner", 0, err, errlen) ||
             want_string(msg, "directory", 0, err, errlen) ||
-            want_string(msg, "motd", 0, err, errlen) ||
-            want_string_map(msg, "env", err, errlen) ||
+            want_string(msg, "motd", 0, err, errlen) || want_string_map(msg, "env", err, errlen) ||
             want_string_array(msg, "authorized_keys", err, errlen) ||
             want_uint(msg, "stats_interval", 86400, err, errlen))
             return PROTO_E_JSON;

@@ -23,18 +23,18 @@
 #define PROTO_HEADER_SIZE 12
 
 /* Limits. Each is enforced by the decoders before anything is allocated. */
-#define PROTO_MIN_FRAME_PAYLOAD (16u * 1024)      /* smallest max_frame_payload a peer may set */
-#define PROTO_DEFAULT_FRAME_PAYLOAD (64u * 1024)  /* DATA payload we accept unless told */
-#define PROTO_MAX_FRAME_PAYLOAD (1024u * 1024)    /* largest max_frame_payload a peer may set */
-#define PROTO_MAX_CONTROL (1024u * 1024)          /* a CONTROL frame's JSON, whatever HELLO says */
-#define PROTO_MIN_WINDOW (16u * 1024)             /* smallest initial_window a peer may set */
-#define PROTO_DEFAULT_WINDOW (256u * 1024)        /* per-stream credit granted at OPEN */
-#define PROTO_MAX_WINDOW (16u * 1024 * 1024)      /* credit may never run further ahead */
-#define PROTO_DEFAULT_MAX_STREAMS 1024u           /* streams the peer may have open at once */
+#define PROTO_MIN_FRAME_PAYLOAD (16u * 1024)     /* smallest max_frame_payload a peer may set */
+#define PROTO_DEFAULT_FRAME_PAYLOAD (64u * 1024) /* DATA payload we accept unless told */
+#define PROTO_MAX_FRAME_PAYLOAD (1024u * 1024)   /* largest max_frame_payload a peer may set */
+#define PROTO_MAX_CONTROL (1024u * 1024)         /* a CONTROL frame's JSON, whatever HELLO says */
+#define PROTO_MIN_WINDOW (16u * 1024)            /* smallest initial_window a peer may set */
+#define PROTO_DEFAULT_WINDOW (256u * 1024)       /* per-stream credit granted at OPEN */
+#define PROTO_MAX_WINDOW (16u * 1024 * 1024)     /* credit may never run further ahead */
+#define PROTO_DEFAULT_MAX_STREAMS 1024u          /* streams the peer may have open at once */
 #define PROTO_MAX_STREAMS_LIMIT (1u << 20)
-#define PROTO_MAX_TEXT 1024u                      /* reason text in OPEN_FAIL, RST, GOAWAY */
-#define PROTO_MAX_HOST 255u                       /* host in a tcp OPEN */
-#define PROTO_MAX_OPEN 8192u                      /* an OPEN payload of any kind */
+#define PROTO_MAX_TEXT 1024u /* reason text in OPEN_FAIL, RST, GOAWAY */
+#define PROTO_MAX_HOST 255u  /* host in a tcp OPEN */
+#define PROTO_MAX_OPEN 8192u /* an OPEN payload of any kind */
 #define PROTO_MAX_HELLO_SETTINGS 16u
 #define PROTO_PING_SIZE 8u
 
@@ -75,15 +75,15 @@ enum proto_code {
 
 /* Decoder results. */
 enum proto_err {
-    PROTO_E_SHORT = -1,    /* need more bytes (not an error of the peer's yet) */
-    PROTO_E_VERSION = -2,  /* header version is not PROTO_VERSION */
-    PROTO_E_TYPE = -3,     /* unknown frame type */
-    PROTO_E_FLAGS = -4,    /* a flag bit undefined for the type is set */
-    PROTO_E_LENGTH = -5,   /* payload length over the type's limit, or wrong fixed size */
-    PROTO_E_STREAM = -6,   /* stream 0 on a stream frame, or non-zero on a session frame */
-    PROTO_E_PAYLOAD = -7,  /* payload malformed for its type */
-    PROTO_E_KIND = -8,     /* OPEN of a kind this version does not know (answer OPEN_FAIL) */
-    PROTO_E_JSON = -9,     /* CONTROL payload is not valid JSON or breaks its schema */
+    PROTO_E_SHORT = -1,   /* need more bytes (not an error of the peer's yet) */
+    PROTO_E_VERSION = -2, /* header version is not PROTO_VERSION */
+    PROTO_E_TYPE = -3,    /* unknown frame type */
+    PROTO_E_FLAGS = -4,   /* a flag bit undefined for the type is set */
+    PROTO_E_LENGTH = -5,  /* payload length over the type's limit, or wrong fixed size */
+    PROTO_E_STREAM = -6,  /* stream 0 on a stream frame, or non-zero on a session frame */
+    PROTO_E_PAYLOAD = -7, /* payload malformed for its type */
+    PROTO_E_KIND = -8,    /* OPEN of a kind this version does not know (answer OPEN_FAIL) */
+    PROTO_E_JSON = -9,    /* CONTROL payload is not valid JSON or breaks its schema */
 };
 
 const char *proto_strerror(int err);
