@@ -12,7 +12,7 @@
  *    so memory per stream is bounded by the window in each direction.
  *  - Credit is granted only for bytes the owner reports as drained (mux_stream_consumed).
  *  - Control frames go out before DATA; DATA is scheduled round-robin across streams.
- *  - Callbacks may call back into the mux, except mux_free.
+ *  - Callbacks may call back into the mux, except mux_free, mux_feed and mux_message_end.
  *
  * Ownership: the mux owns its streams' queues. Callbacks get borrowed pointers valid only
  * for the duration of the call. Stream user pointers belong to the caller.
@@ -30,9 +30,9 @@
 
 /* Negative error codes of mux functions (besides PROTO_E_* passed through). */
 enum mux_err {
-    MUX_E_CLOSED = -100,  /* the connection is going away (GOAWAY sent or received) */
+    MUX_E_CLOSED = -100,   /* the connection is going away (GOAWAY sent or received) */
     MUX_E_NOSTREAM = -101, /* no such stream, or it is in the wrong state for the call */
-    MUX_E_LIMIT = -102,   /* the peer's max_streams, or ids exhausted */
+    MUX_E_LIMIT = -102,    /* the peer's max_streams, or ids exhausted */
     MUX_E_NOMEM = -103,
     MUX_E_PROTOCOL = -104, /* the peer broke the protocol: GOAWAY is queued, flush and close */
     MUX_E_TIMEOUT = -105,  /* keepalive: nothing received within keepalive_timeout_ms */
@@ -68,7 +68,8 @@ struct mux_callbacks {
      */
     void (*stream_opened)(void *ud, uint32_t id, const struct proto_open *open);
     /* Our OPEN was answered: code 0 = OPEN_OK, otherwise OPEN_FAIL's code and text.
-     * After a failure the stream is gone (no stream_closed follows). */
+     * After a failure the stream is gone (no stream_closed follows). An OPEN_FAIL that
+     * carries code 0 is reported as PROTO_CODE_PROTOCOL. */
     void (*stream_open_result)(void *ud, uint32_t id, void *stream_ud, uint32_t code,
                                const char *text, size_t text_len);
     /* DATA arrived. Report with mux_stream_consumed once it is drained to its destination. */
@@ -80,10 +81,12 @@ struct mux_callbacks {
     /*
      * The stream ended: FIN both ways and our queue flushed (code 0), RST from the peer, a
      * stream-level protocol fault of the peer's (the mux sent RST), or the connection ended
-     * (mux_fail_all). The id is invalid from now on.
+     * (mux_fail_all). This may also end a stream of ours whose OPEN is still unanswered.
+     * An RST that carries code 0 is reported as PROTO_CODE_PROTOCOL. The id is invalid
+     * from now on.
      */
-    void (*stream_closed)(void *ud, uint32_t id, void *stream_ud, uint32_t code,
-                          const char *text, size_t text_len);
+    void (*stream_closed)(void *ud, uint32_t id, void *stream_ud, uint32_t code, const char *text,
+                          size_t text_len);
     /* A valid CONTROL message arrived on stream 0; msg is borrowed. */
     void (*control)(void *ud, json_t *msg);
     /* The peer's HELLO arrived (its limits are in effect from now on). */
@@ -103,7 +106,9 @@ void mux_free(struct mux *m);
 /*
  * Feeds received bytes. Complete frames are processed at once (DATA is passed to
  * stream_data without copying); a partial frame's bytes are kept until the rest arrives.
- * Returns 0, or MUX_E_PROTOCOL after queueing GOAWAY: flush mux_output, then close.
+ * Returns 0, or MUX_E_PROTOCOL after queueing GOAWAY: flush mux_output, then close
+ * (MUX_E_NOMEM if a partial frame could not be buffered). After an error every call
+ * returns MUX_E_PROTOCOL and parses nothing.
  */
 int mux_feed(struct mux *m, const uint8_t *data, size_t len, uint64_t now_ms);
 /* The transport's message ended: a frame may not span messages. Returns 0 or MUX_E_PROTOCOL. */
@@ -111,7 +116,10 @@ int mux_message_end(struct mux *m);
 
 /*
  * Writes whole frames into buf (control frames first, then DATA round-robin) and returns the
- * byte count; 0 means nothing to send. cap must be at least MUX_OUTPUT_MIN.
+ * byte count; 0 means nothing to send. cap must be at least MUX_OUTPUT_MIN. DATA goes out
+ * only once every queued control frame has (an OPEN_OK always precedes its stream's DATA).
+ * Streams that end with this batch (our FIN written, the peer's received) get stream_closed
+ * before it returns. After a connection error only control frames (the GOAWAY) are written.
  */
 #define MUX_OUTPUT_MIN (PROTO_HEADER_SIZE + PROTO_MAX_CONTROL)
 size_t mux_output(struct mux *m, uint8_t *buf, size_t cap);
@@ -120,7 +128,8 @@ bool mux_wants_output(const struct mux *m);
 /*
  * Advances the keepalive clock: queues PING after keepalive_idle_ms of silence. Returns 0,
  * or MUX_E_TIMEOUT once nothing arrived for keepalive_timeout_ms. mux_next_tick_ms says
- * how many ms from now the next call is due.
+ * how many ms from now the next call is due. One PING is outstanding at a time: the next
+ * goes only after its PONG, or keepalive_timeout_ms after it was sent.
  */
 int mux_tick(struct mux *m, uint64_t now_ms);
 uint64_t mux_next_tick_ms(const struct mux *m, uint64_t now_ms);
@@ -132,20 +141,24 @@ int64_t mux_rtt_ms(const struct mux *m);
  * yet), MUX_E_CLOSED, MUX_E_LIMIT (the peer's max_streams) or MUX_E_NOMEM.
  */
 int mux_stream_open(struct mux *m, const struct proto_open *open, void *stream_ud, uint32_t *id);
-/* Answers a stream the peer opened. */
+/* Answers a stream the peer opened (MUX_E_NOSTREAM if it is not awaiting an answer).
+ * Reject sends OPEN_FAIL and forgets the stream; code 0 is sent as PROTO_CODE_REFUSED. */
 int mux_stream_accept(struct mux *m, uint32_t id, void *stream_ud);
 int mux_stream_reject(struct mux *m, uint32_t id, uint32_t code, const char *text);
-/* Sends RST and forgets the stream at once (no stream_closed for it). */
+/* Sends RST and forgets the stream at once (no stream_closed for it). Code 0 is sent as
+ * PROTO_CODE_CANCEL (RST never carries 0). */
 int mux_stream_reset(struct mux *m, uint32_t id, uint32_t code, const char *text);
 void mux_stream_set_user(struct mux *m, uint32_t id, void *stream_ud);
 
 /*
  * How many bytes mux_stream_send will take now: the peer's credit minus what is queued.
- * 0 for an unknown, finished or not yet opened-by-us stream whose credit is used up.
- * Before OPEN_OK the initial window may be queued; it is sent once OPEN_OK arrives.
+ * 0 for an unknown stream, a peer's stream not accepted yet, after mux_stream_shutdown, or
+ * while the credit is used up. Before OPEN_OK the initial window may be queued; it is sent
+ * once OPEN_OK arrives.
  */
 size_t mux_stream_room(const struct mux *m, uint32_t id);
-/* Queues up to len bytes (copied); returns the count taken (<= room) or a negative error. */
+/* Queues up to len bytes (copied); returns the count taken (<= room) or a negative error:
+ * MUX_E_NOSTREAM (unknown, not accepted, or shut down), MUX_E_CLOSED, MUX_E_NOMEM. */
 int mux_stream_send(struct mux *m, uint32_t id, const uint8_t *data, size_t len);
 /* Queues FIN after the queued data: we send nothing more. */
 int mux_stream_shutdown(struct mux *m, uint32_t id);
@@ -154,11 +167,17 @@ void mux_stream_consumed(struct mux *m, uint32_t id, size_t n);
 /* Bytes queued but not yet sent on a stream (0 if unknown). */
 size_t mux_stream_queued(const struct mux *m, uint32_t id);
 
-/* Queues a CONTROL message (serialised compactly). Returns 0, MUX_E_FULL or MUX_E_CLOSED. */
+/*
+ * Queues a CONTROL message (serialised compactly). Returns 0, MUX_E_FULL, MUX_E_CLOSED (only
+ * after a connection error: messages may still follow a GOAWAY), or PROTO_E_JSON /
+ * PROTO_E_LENGTH for a message the peer would reject.
+ */
 int mux_send_control(struct mux *m, const json_t *msg);
-/* Queues GOAWAY: no new streams either way. Existing streams may finish. */
+/* Queues GOAWAY: no new streams either way. Existing streams may finish. GOAWAY is sent at
+ * most once per connection: a later call, or a connection error after it, adds none. */
 int mux_goaway(struct mux *m, uint32_t code, const char *text);
-/* Ends every stream with stream_closed(code, text): the connection is gone. */
+/* Ends every stream with stream_closed(code, text): the connection is gone. No new streams
+ * open after it (mux_stream_open returns MUX_E_CLOSED). */
 void mux_fail_all(struct mux *m, uint32_t code, const char *text);
 
 size_t mux_stream_count(const struct mux *m);
