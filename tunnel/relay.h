@@ -1,0 +1,41 @@
+/*
+ * relay: the control-plane end of the tunnel, small and real.
+ *
+ * Serves, on the server vhost of a wsctx:
+ *   GET  /api/v1/workspaces            JSON array of workspaces the user token may see
+ *   GET  /api/v1/workspaces/NAME       one workspace
+ *   WS   /api/v1/agent                 agents dial in here (subprotocol tether.v1)
+ *   WS   /api/v1/workspaces/NAME/tcp/PORT   a raw byte stream to 127.0.0.1:PORT in NAME
+ * Agents and users authenticate with "Authorization: Bearer TOKEN" (tokens.h).
+ */
+#ifndef TETHER_RELAY_H
+#define TETHER_RELAY_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <uv.h>
+
+#include "wsctx.h"
+
+struct relay_config {
+    const char *tokens_path;
+    uint32_t keepalive_idle_ms; /* tunnel keepalive toward agents (mux defaults) */
+    uint32_t keepalive_timeout_ms;
+};
+void relay_config_default(struct relay_config *cfg);
+
+struct relay;
+
+/* Loads the tokens; the loop need not be initialised yet. NULL with a reason in err. */
+struct relay *relay_new(uv_loop_t *loop, const struct relay_config *cfg, char *err, size_t errlen);
+/* The protocol table for wsctx_server.protocols; pass the relay as wsctx_server.user. */
+const struct lws_protocols *relay_protocols(void);
+/* Starts the relay's timers once the context exists. */
+void relay_start(struct relay *r, struct wsctx *ws);
+/* Sends every agent GOAWAY and stops the timers; call before wsctx_stop. */
+void relay_stop(struct relay *r);
+/* Frees the relay; call after wsctx_finish (lws callbacks use it until then). */
+void relay_free(struct relay *r);
+
+#endif

@@ -1,0 +1,81 @@
+/*
+ * wsc: one outgoing websocket (or plain HTTP GET) connection on the process's lws context,
+ * with a bearer token, TLS verification, and events delivered to its owner.
+ *
+ * Ownership: wsc_connect allocates; the wsc frees itself after its `closed` event returns.
+ * The owner must not touch it after that event. Every connection that wsc_connect returned
+ * ends with exactly one `closed` event, whether it was established or not.
+ */
+#ifndef TETHER_WSC_H
+#define TETHER_WSC_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <uv.h>
+#include <libwebsockets.h>
+
+#include "url.h"
+
+struct wsc;
+
+struct wsc_events {
+    /* The websocket is open (or the HTTP response's status line arrived: wsc_http_status). */
+    void (*established)(void *ud, struct wsc *c);
+    /* A piece of a received message (binary or text), or of the HTTP body. */
+    void (*receive)(void *ud, struct wsc *c, const uint8_t *data, size_t len, bool binary,
+                    bool final);
+    /* The connection can take one wsc_write now. */
+    void (*writable)(void *ud, struct wsc *c);
+    /*
+     * The connection is gone. status: the peer's websocket close code; for an HTTP GET its
+     * response status; for a refused upgrade the HTTP status; 0 if there was none (connect
+     * error, reset). reason is a one-line description, never NULL.
+     */
+    void (*closed)(void *ud, struct wsc *c, int status, const char *reason);
+};
+
+struct wsc_params {
+    struct lws_context *context;
+    struct lws_vhost *vhost; /* the client vhost of wsctx */
+    const struct tether_url *url;
+    const char *path;        /* endpoint path, appended to the URL's prefix */
+    const char *subprotocol; /* NULL for none */
+    const char *token;       /* bearer token; copied, never logged */
+    bool http_get;           /* plain HTTP GET instead of a websocket */
+    bool insecure;           /* skip certificate checks (development only) */
+};
+
+/* Starts connecting. Returns NULL (and fills err) if it could not even start. */
+struct wsc *wsc_connect(const struct wsc_params *p, const struct wsc_events *ev, void *ud,
+                        char *err, size_t errlen);
+
+/* Room every buffer given to wsc_write must have in front of the data: the frame header
+ * goes there. */
+#define WSC_PRE (LWS_PRE + 16)
+/*
+ * Sends one whole message (binary or text) from buf + WSC_PRE; the payload is masked in
+ * place, so buf's contents are scrambled afterwards. Call only from `writable`.
+ * Returns 0 or -1 (the connection is failing; `closed` follows).
+ */
+int wsc_write(struct wsc *c, uint8_t *buf, size_t len, bool binary);
+/* Asks for a `writable` event. */
+void wsc_want_write(struct wsc *c);
+/* Stops or resumes reading from the peer (for connections that are not the tunnel). */
+void wsc_pause_rx(struct wsc *c, bool pause);
+/* Closes with a websocket close code and reason; `closed` follows, asynchronously. */
+void wsc_close(struct wsc *c, int code, const char *reason);
+int wsc_http_status(const struct wsc *c);
+/* The peer is alive (a frame of ours arrived): resets lws's own idle timers. */
+void wsc_confirm_alive(struct wsc *c);
+
+/* The lws protocol entry for the client vhost (wsctx uses it). */
+int wsc_lws_callback(struct lws *wsi, enum lws_callback_reasons reason, void *user, void *in,
+                     size_t len);
+#define WSC_PROTOCOL                                                                               \
+    {                                                                                              \
+        "tether-client", wsc_lws_callback, 0, 65536, 0, NULL, 0                                    \
+    }
+
+#endif

@@ -1,0 +1,136 @@
+#include "wsctx.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "log.h"
+#include "wsc.h"
+
+/*
+ * lws's own keepalive ("validity") cannot be switched off; set it as far out as it goes:
+ * the mux runs the tunnel's keepalive, and it confirms validity on every frame received.
+ */
+static const lws_retry_bo_t no_lws_keepalive = {
+    .secs_since_valid_ping = 65535,
+    .secs_since_valid_hangup = 65535,
+};
+
+static const struct lws_protocols client_protocols[] = {
+    WSC_PROTOCOL,
+    {NULL, NULL, 0, 0, 0, NULL, 0},
+};
+
+/* libwebsockets' own messages (TLS verification failures, mostly) go through our logger. */
+static void emit_lws_log(int level, const char *line)
+{
+    size_t n = strlen(line);
+    while (n > 0 && (line[n - 1] == '\n' || line[n - 1] == '\r'))
+        n--;
+    log_msg(level == LLL_ERR ? LOG_WARN : LOG_DEBUG, "libwebsockets: %.*s", (int)n, line);
+}
+
+int wsctx_create(struct wsctx *w, const struct wsctx_config *cfg, char *err, size_t errlen)
+{
+    memset(w, 0, sizeof(*w));
+    /* TETHER_LWS_LOG=<lws log bitmask> shows more of libwebsockets' own log, for debugging. */
+    const char *lws_log = getenv("TETHER_LWS_LOG");
+    lws_set_log_level(lws_log ? atoi(lws_log) : LLL_ERR, emit_lws_log);
+    w->foreign_loops[0] = cfg->loop;
+
+    struct lws_context_creation_info info;
+    memset(&info, 0, sizeof(info));
+    info.options = LWS_SERVER_OPTION_LIBUV | LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT |
+                   LWS_SERVER_OPTION_EXPLICIT_VHOSTS;
+    info.foreign_loops = w->foreign_loops;
+    info.pcontext = &w->ctx;
+    info.port = CONTEXT_PORT_NO_LISTEN;
+    info.retry_and_idle_policy = &no_lws_keepalive;
+    /* lws handles SIGPIPE itself only if asked; we ignore it process-wide in main. */
+    w->ctx = lws_create_context(&info);
+    if (!w->ctx) {
+        snprintf(err, errlen,
+                 "cannot start libwebsockets on libuv (is libwebsockets-evlib-uv installed?)");
+        return -1;
+    }
+
+    /* Client vhost: dials out, verifying servers against ca_file or the system bundle. */
+    struct lws_context_creation_info ci;
+    memset(&ci, 0, sizeof(ci));
+    ci.vhost_name = "client";
+    ci.port = CONTEXT_PORT_NO_LISTEN;
+    ci.protocols = client_protocols;
+    ci.options = LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
+    ci.retry_and_idle_policy = &no_lws_keepalive;
+    if (cfg->ca_file)
+        ci.client_ssl_ca_filepath = cfg->ca_file;
+    else if (access(WSCTX_SYSTEM_CA_FILE, R_OK) == 0)
+        ci.client_ssl_ca_filepath = WSCTX_SYSTEM_CA_FILE;
+    w->client_vhost = lws_create_vhost(w->ctx, &ci);
+    if (!w->client_vhost) {
+        snprintf(err, errlen, "cannot set up outgoing connections%s%s",
+                 cfg->ca_file ? ": check --ca-file " : "", cfg->ca_file ? cfg->ca_file : "");
+        return -1;
+    }
+
+    if (cfg->server) {
+        const struct wsctx_server *s = cfg->server;
+        struct lws_context_creation_info si;
+        memset(&si, 0, sizeof(si));
+        si.vhost_name = "relay";
+        si.port = s->listen_port;
+        si.iface = s->listen_host;
+        si.protocols = s->protocols;
+        si.user = s->user;
+        si.retry_and_idle_policy = &no_lws_keepalive;
+        si.ssl_cert_filepath = s->tls_cert;
+        si.ssl_private_key_filepath = s->tls_key;
+        if (s->tls_cert)
+            si.options |= LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
+        /* Client endpoints and agents send headers of modest size; bearer tokens fit. */
+        si.max_http_header_data = 4096;
+        w->server_vhost = lws_create_vhost(w->ctx, &si);
+        if (!w->server_vhost) {
+            snprintf(err, errlen, "cannot listen on %s:%d (address in use, or bad TLS files?)",
+                     s->listen_host ? s->listen_host : "*", s->listen_port);
+            return -1;
+        }
+    }
+    return 0;
+}
+
+int wsctx_listen_port(const struct wsctx *w)
+{
+    return w->server_vhost ? lws_get_vhost_listen_port(w->server_vhost) : -1;
+}
+
+void wsctx_stop(struct wsctx *w)
+{
+    if (w->ctx)
+        lws_context_destroy(w->ctx);
+}
+
+int wsctx_finish(struct wsctx *w, uv_loop_t *loop)
+{
+    if (w->ctx)
+        lws_context_destroy(w->ctx);
+    uv_run(loop, UV_RUN_NOWAIT);
+    return uv_loop_close(loop);
+}
+
+#define WSCTX_WRITE_CLOSE 4
+
+void wsctx_close_ws(struct lws *wsi, int code, const char *reason)
+{
+    uint8_t frame[LWS_PRE + 125];
+    size_t n = reason ? strlen(reason) : 0;
+    if (n > 123) /* a close frame's payload is at most 125 bytes, 2 of them the code */
+        n = 123;
+    frame[LWS_PRE] = (uint8_t)(code >> 8);
+    frame[LWS_PRE + 1] = (uint8_t)code;
+    memcpy(frame + LWS_PRE + 2, reason, n);
+    /* Opcode 4 is lws's internal LWS_WRITE_CLOSE, kept out of the public header. */
+    lws_write(wsi, frame + LWS_PRE, n + 2, (enum lws_write_protocol)WSCTX_WRITE_CLOSE);
+    lws_set_timeout(wsi, PENDING_TIMEOUT_CLOSE_ACK, WSCTX_CLOSE_WAIT_S);
+}

@@ -1,0 +1,61 @@
+/*
+ * wsctx: the one libwebsockets context of a process, running on the process's libuv loop.
+ *
+ * It has a client vhost (for dialing out: the agent's tunnel, the CLI tools) and optionally
+ * a listening server vhost (the relay). Teardown follows PITFALLS.md: wsctx_stop from a uv
+ * callback, let uv_run return, then wsctx_finish.
+ */
+#ifndef TETHER_WSCTX_H
+#define TETHER_WSCTX_H
+
+#include <stdbool.h>
+#include <stddef.h>
+
+#include <uv.h>
+#include <libwebsockets.h>
+
+struct wsctx_server {
+    const struct lws_protocols *protocols; /* terminated by a zeroed entry */
+    const char *listen_host;               /* numeric address to bind, NULL = all */
+    int listen_port;                       /* 0 = pick a free port (see wsctx_listen_port) */
+    const char *tls_cert;                  /* PEM files, both or neither */
+    const char *tls_key;
+    void *user; /* lws_vhost_user() in the callbacks */
+};
+
+struct wsctx_config {
+    uv_loop_t *loop;
+    const char *ca_file;               /* CAs that client connections trust; NULL = system */
+    const struct wsctx_server *server; /* NULL for a process that only dials out */
+};
+
+struct wsctx {
+    struct lws_context *ctx; /* NULL once destruction finished */
+    struct lws_vhost *client_vhost;
+    struct lws_vhost *server_vhost;
+    void *foreign_loops[1];
+};
+
+/*
+ * Closes a websocket politely: sends the close frame (code and reason) now, and drops the
+ * connection if the peer has not answered with its own close within WSCTX_CLOSE_WAIT_S.
+ * Call it from a WRITEABLE callback and return 0. (Returning -1 after lws_close_reason
+ * does not do on the libuv loop: lws 4.1 then closes the socket a second time at once,
+ * "uv repeat test", and the close frame never leaves.)
+ */
+#define WSCTX_CLOSE_WAIT_S 2
+void wsctx_close_ws(struct lws *wsi, int code, const char *reason);
+
+/* The system's CA bundle used when no --ca-file is given. */
+#define WSCTX_SYSTEM_CA_FILE "/etc/ssl/certs/ca-certificates.crt"
+
+/* Returns 0, or -1 with one line in err. */
+int wsctx_create(struct wsctx *w, const struct wsctx_config *cfg, char *err, size_t errlen);
+/* The port the server vhost listens on (useful after asking for port 0). */
+int wsctx_listen_port(const struct wsctx *w);
+/* Starts destruction; call from a uv callback, not from inside an lws callback. */
+void wsctx_stop(struct wsctx *w);
+/* After uv_run returned: frees what is left and closes the loop. Returns uv_loop_close's rc. */
+int wsctx_finish(struct wsctx *w, uv_loop_t *loop);
+
+#endif
