@@ -1,0 +1,26 @@
+/*
+ * agent: the workspace agent daemon. Dials the relay (tunnel/dial), introduces itself with
+ * a hello, and serves the streams the relay opens: tcp now; ssh and pty in later versions.
+ */
+#ifndef TETHER_AGENT_H
+#define TETHER_AGENT_H
+
+#include <uv.h>
+
+#include "tunnel/dial.h"
+#include "tunnel/wsctx.h"
+
+struct agent;
+
+/*
+ * cfg (and the token it points to) must outlive the agent. on_shutdown (may be NULL) is
+ * called when the relay asks the agent to shut down (control message "shutdown"): the
+ * caller stops the agent and does not reconnect.
+ */
+struct agent *agent_new(uv_loop_t *loop, const struct dial_config *cfg,
+                        void (*on_shutdown)(void *arg), void *arg);
+void agent_start(struct agent *a);
+/* Says goodbye to the relay, closes every stream, frees the agent, then calls done. */
+void agent_stop(struct agent *a, void (*done)(void *arg), void *arg);
+
+#endif

@@ -1,0 +1,168 @@
+#include "cli.h"
+
+#include <stdarg.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "tunnel/tokens.h"
+
+void cli_error(const char *fmt, ...)
+{
+    char line[1024];
+    va_list ap;
+    va_start(ap, fmt);
+    vsnprintf(line, sizeof(line), fmt, ap);
+    va_end(ap);
+    fprintf(stderr, "tether: %s\n", line);
+}
+
+int cli_duration_ms(const char *text, uint64_t *ms)
+{
+    char *end;
+    double v = strtod(text, &end);
+    if (end == text || v < 0 || v > 1e9)
+        return -1;
+    double scale;
+    if (strcmp(end, "ms") == 0)
+        scale = 1;
+    else if (strcmp(end, "s") == 0 || *end == '\0')
+        scale = 1000;
+    else if (strcmp(end, "m") == 0)
+        scale = 60000;
+    else if (strcmp(end, "h") == 0)
+        scale = 3600000;
+    else
+        return -1;
+    *ms = (uint64_t)(v * scale);
+    return 0;
+}
+
+int cli_hostport(const char *text, char *host, size_t hostlen, int *port)
+{
+    const char *colon;
+    const char *h = text;
+    size_t hl;
+    if (*text == '[') {
+        const char *rb = strchr(text, ']');
+        if (!rb || rb[1] != ':')
+            return -1;
+        h = text + 1;
+        hl = (size_t)(rb - h);
+        colon = rb + 1;
+    } else {
+        colon = strrchr(text, ':');
+        if (!colon)
+            return -1;
+        hl = (size_t)(colon - text);
+    }
+    if (hl == 0 || hl >= hostlen)
+        return -1;
+    char *end;
+    long p = strtol(colon + 1, &end, 10);
+    if (end == colon + 1 || *end || p < 0 || p > 65535)
+        return -1;
+    memcpy(host, h, hl);
+    host[hl] = '\0';
+    *port = (int)p;
+    return 0;
+}
+
+int cli_client_resolve(struct cli_client *c)
+{
+    char err[512];
+    if (!c->url_text)
+        c->url_text = getenv("TETHER_URL");
+    if (!c->url_text) {
+        cli_error("no relay URL: give --url URL or set TETHER_URL");
+        return EXIT_USAGE;
+    }
+    if (url_parse(c->url_text, &c->url, err, sizeof(err)) < 0) {
+        cli_error("%s", err);
+        return EXIT_USAGE;
+    }
+    if (!c->token_file)
+        c->token_file = getenv("TETHER_TOKEN_FILE");
+    if (c->token_file) {
+        c->token = tokens_read_secret(c->token_file, CLI_MAX_TOKEN, err, sizeof(err));
+        if (!c->token) {
+            cli_error("%s", err);
+            return EXIT_FAIL;
+        }
+    } else if (getenv("TETHER_TOKEN")) {
+        c->token = strdup(getenv("TETHER_TOKEN"));
+        unsetenv("TETHER_TOKEN");
+        if (!c->token) {
+            cli_error("out of memory");
+            return EXIT_FAIL;
+        }
+    } else {
+        cli_error("no token: give --token-file FILE, or set TETHER_TOKEN_FILE or TETHER_TOKEN");
+        return EXIT_USAGE;
+    }
+    if (!c->token[0] || strlen(c->token) > CLI_MAX_TOKEN || strpbrk(c->token, " \t\r\n")) {
+        cli_error("the token in %s is empty or malformed",
+                  c->token_file ? c->token_file : "TETHER_TOKEN");
+        return EXIT_FAIL;
+    }
+    if (c->insecure)
+        fprintf(stderr, "tether: WARNING: --insecure: the relay's TLS certificate is not "
+                        "checked; use this only for development\n");
+    return EXIT_OK;
+}
+
+void cli_client_free(struct cli_client *c)
+{
+    if (c->token) {
+        memset(c->token, 0, strlen(c->token));
+        free(c->token);
+        c->token = NULL;
+    }
+}
+
+static void on_signal(uv_signal_t *s, int signum)
+{
+    struct cli_runtime *rt = s->data;
+    if (rt->on_signal)
+        rt->on_signal(rt, signum);
+}
+
+int cli_runtime_init(struct cli_runtime *rt, const struct wsctx_config *cfg_in)
+{
+    char err[512];
+    uv_loop_init(&rt->loop);
+    struct wsctx_config cfg = *cfg_in;
+    cfg.loop = &rt->loop;
+    if (wsctx_create(&rt->ws, &cfg, err, sizeof(err)) < 0) {
+        cli_error("%s", err);
+        if (rt->ws.ctx)
+            wsctx_stop(&rt->ws);
+        wsctx_finish(&rt->ws, &rt->loop);
+        return -1;
+    }
+    uv_signal_init(&rt->loop, &rt->sigint);
+    uv_signal_init(&rt->loop, &rt->sigterm);
+    rt->sigint.data = rt->sigterm.data = rt;
+    uv_signal_start(&rt->sigint, on_signal, SIGINT);
+    uv_signal_start(&rt->sigterm, on_signal, SIGTERM);
+    return 0;
+}
+
+void cli_runtime_stop(struct cli_runtime *rt)
+{
+    if (!uv_is_closing((uv_handle_t *)&rt->sigint)) {
+        uv_close((uv_handle_t *)&rt->sigint, NULL);
+        uv_close((uv_handle_t *)&rt->sigterm, NULL);
+    }
+    wsctx_stop(&rt->ws);
+}
+
+void cli_runtime_finish(struct cli_runtime *rt)
+{
+    int rc = wsctx_finish(&rt->ws, &rt->loop);
+    if (rc != 0) {
+        /* Something still holds a handle: run once more and retry rather than leak. */
+        uv_run(&rt->loop, UV_RUN_DEFAULT);
+        uv_loop_close(&rt->loop);
+    }
+}

@@ -1,0 +1,61 @@
+/*
+ * cli: what the subcommands share: the options every client takes (--url, --token-file,
+ * --ca-file, --insecure), durations, and the exit-status convention.
+ */
+#ifndef TETHER_CLI_H
+#define TETHER_CLI_H
+
+#include <stdbool.h>
+#include <stdint.h>
+
+#include <uv.h>
+
+#include "tunnel/url.h"
+#include "tunnel/wsctx.h"
+
+enum { EXIT_OK = 0, EXIT_FAIL = 1, EXIT_USAGE = 2 };
+#define CLI_MAX_TOKEN 1024u
+
+/* Prints "tether: MESSAGE" on stderr. */
+void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+
+/* Parses "250ms", "3s", "2m", "1h" or a bare number of seconds. Returns 0 or -1. */
+int cli_duration_ms(const char *text, uint64_t *ms);
+
+/* Parses "HOST:PORT" or "[V6]:PORT" into host (numeric or a name) and port. */
+int cli_hostport(const char *text, char *host, size_t hostlen, int *port);
+
+/* Options every command that talks to a relay accepts. */
+struct cli_client {
+    const char *url_text;
+    const char *token_file;
+    const char *ca_file;
+    bool insecure;
+    struct tether_url url;
+    char *token; /* malloc'd; never printed */
+};
+
+/*
+ * Resolves the URL (--url or TETHER_URL) and the token (--token-file, TETHER_TOKEN_FILE,
+ * or TETHER_TOKEN, in that order; TETHER_TOKEN is removed from the environment so that no
+ * child inherits it). Prints the problem and returns EXIT_USAGE or EXIT_FAIL on failure.
+ */
+int cli_client_resolve(struct cli_client *c);
+void cli_client_free(struct cli_client *c);
+
+/* A process's loop and lws context, and the signals that stop it. */
+struct cli_runtime {
+    uv_loop_t loop;
+    struct wsctx ws;
+    uv_signal_t sigint;
+    uv_signal_t sigterm;
+    void (*on_signal)(struct cli_runtime *rt, int signum);
+    void *ud;
+};
+int cli_runtime_init(struct cli_runtime *rt, const struct wsctx_config *cfg);
+/* Stops watching signals and starts lws teardown (from a uv callback). */
+void cli_runtime_stop(struct cli_runtime *rt);
+/* After uv_run returned: finishes teardown. */
+void cli_runtime_finish(struct cli_runtime *rt);
+
+#endif

@@ -1,0 +1,163 @@
+#include <getopt.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "cli.h"
+#include "commands.h"
+#include "tunnel/log.h"
+#include "tunnel/relay.h"
+
+static const char relay_usage[] =
+    "usage: tether relay --listen ADDR:PORT --tokens FILE [OPTIONS]\n"
+    "\n"
+    "Runs the relay: agents dial in at /api/v1/agent; users reach workspaces through\n"
+    "/api/v1/workspaces/NAME/tcp/PORT and read /api/v1/workspaces.\n"
+    "\n"
+    "  --listen ADDR:PORT         address to listen on (numeric; port 0 picks one)\n"
+    "  --tokens FILE              JSON {\"agents\": {TOKEN: WORKSPACE}, \"users\": {TOKEN: "
+    "[WORKSPACE|\"*\"]}};\n"
+    "                             must not be readable by group or others\n"
+    "  --tls-cert FILE            serve wss:// and https:// with this PEM certificate chain\n"
+    "  --tls-key FILE             ... and this PEM private key\n"
+    "  --keepalive-idle DURATION  ping an agent after this much silence (default 15s)\n"
+    "  --keepalive-timeout DURATION  drop an agent after this much silence (default 45s)\n"
+    "  --log-level LEVEL          error, warn, info (default) or debug\n"
+    "  -h, --help                 this text\n";
+
+struct relay_run {
+    struct cli_runtime rt;
+    struct relay *relay;
+    uv_timer_t grace;
+};
+
+static void on_grace(uv_timer_t *t)
+{
+    struct relay_run *run = t->data;
+    uv_close((uv_handle_t *)t, NULL);
+    cli_runtime_stop(&run->rt);
+}
+
+static void on_relay_signal(struct cli_runtime *rt, int signum)
+{
+    struct relay_run *run = rt->ud;
+    log_info("signal %d: shutting down", signum);
+    relay_stop(run->relay);
+    /* Give GOAWAY frames a moment to leave before the sockets close. */
+    uv_timer_init(&rt->loop, &run->grace);
+    run->grace.data = run;
+    uv_timer_start(&run->grace, on_grace, 200, 0);
+    uv_close((uv_handle_t *)&rt->sigint, NULL);
+    uv_close((uv_handle_t *)&rt->sigterm, NULL);
+}
+
+int cmd_relay(int argc, char **argv)
+{
+    static const struct option opts[] = {
+        {"listen", required_argument, NULL, 'l'},
+        {"tokens", required_argument, NULL, 't'},
+        {"tls-cert", required_argument, NULL, 'c'},
+        {"tls-key", required_argument, NULL, 'k'},
+        {"keepalive-idle", required_argument, NULL, 'i'},
+        {"keepalive-timeout", required_argument, NULL, 'T'},
+        {"log-level", required_argument, NULL, 'L'},
+        {"help", no_argument, NULL, 'h'},
+        {NULL, 0, NULL, 0},
+    };
+    const char *listen = NULL, *cert = NULL, *key = NULL;
+    struct relay_config cfg;
+    relay_config_default(&cfg);
+    uint64_t ms;
+    int c;
+    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+        switch (c) {
+        case 'l':
+            listen = optarg;
+            break;
+        case 't':
+            cfg.tokens_path = optarg;
+            break;
+        case 'c':
+            cert = optarg;
+            break;
+        case 'k':
+            key = optarg;
+            break;
+        case 'i':
+        case 'T':
+            if (cli_duration_ms(optarg, &ms) < 0 || ms < 100 || ms > 3600000) {
+                cli_error("bad duration '%s' (e.g. 500ms, 15s)", optarg);
+                return EXIT_USAGE;
+            }
+            if (c == 'i')
+                cfg.keepalive_idle_ms = (uint32_t)ms;
+            else
+                cfg.keepalive_timeout_ms = (uint32_t)ms;
+            break;
+        case 'L':
+            if ((tether_log_level = log_level_parse(optarg)) < 0) {
+                cli_error("bad log level '%s'", optarg);
+                return EXIT_USAGE;
+            }
+            break;
+        case 'h':
+            fputs(relay_usage, stdout);
+            return EXIT_OK;
+        default:
+            fputs(relay_usage, stderr);
+            return EXIT_USAGE;
+        }
+    }
+    if (optind != argc || !listen || !cfg.tokens_path) {
+        if (optind != argc)
+            cli_error("unexpected argument '%s'", argv[optind]);
+        else
+            cli_error("relay needs --listen ADDR:PORT and --tokens FILE");
+        return EXIT_USAGE;
+    }
+    if (!cert != !key) {
+        cli_error("--tls-cert and --tls-key go together");
+        return EXIT_USAGE;
+    }
+    char host[256];
+    int port;
+    if (cli_hostport(listen, host, sizeof(host), &port) < 0) {
+        cli_error("bad --listen '%s': expected ADDR:PORT", listen);
+        return EXIT_USAGE;
+    }
+    if (cfg.keepalive_idle_ms >= cfg.keepalive_timeout_ms) {
+        cli_error("--keepalive-idle must be shorter than --keepalive-timeout");
+        return EXIT_USAGE;
+    }
+
+    struct relay_run run;
+    memset(&run, 0, sizeof(run));
+    char err[512];
+    run.relay = relay_new(&run.rt.loop, &cfg, err, sizeof(err));
+    if (!run.relay) {
+        cli_error("%s", err);
+        return EXIT_FAIL;
+    }
+    struct wsctx_server srv = {
+        .protocols = relay_protocols(),
+        .listen_host = host,
+        .listen_port = port,
+        .tls_cert = cert,
+        .tls_key = key,
+        .user = run.relay,
+    };
+    struct wsctx_config wc = {.server = &srv};
+    run.rt.on_signal = on_relay_signal;
+    run.rt.ud = &run;
+    if (cli_runtime_init(&run.rt, &wc) < 0) {
+        relay_free(run.relay);
+        return EXIT_FAIL;
+    }
+    relay_start(run.relay, &run.rt.ws);
+    log_info("relay listening on %s://%s%s%s:%d", cert ? "wss" : "ws", strchr(host, ':') ? "[" : "",
+             host, strchr(host, ':') ? "]" : "", wsctx_listen_port(&run.rt.ws));
+    uv_run(&run.rt.loop, UV_RUN_DEFAULT);
+    cli_runtime_finish(&run.rt);
+    relay_free(run.relay);
+    return EXIT_OK;
+}

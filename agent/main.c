@@ -1,0 +1,72 @@
+/*
+ * tether: the workspace agent, its relay, and the client tools, in one binary.
+ */
+#include <signal.h>
+#include <stdio.h>
+#include <string.h>
+
+#include <jansson.h>
+#include <libssh/libssh.h>
+#include <uv.h>
+#include <zlib.h>
+#include <libwebsockets.h>
+
+#include "cli.h"
+#include "commands.h"
+#include "tunnel/log.h"
+
+/* The process's log level: the only process-wide mutable setting (tunnel/log.h). */
+int tether_log_level = LOG_INFO;
+
+static const char usage[] =
+    "usage: tether COMMAND [OPTIONS]\n"
+    "\n"
+    "tether is a workspace agent: it dials out to a relay over one websocket and serves\n"
+    "port forwards (and, in later versions, SSH and terminals) through it.\n"
+    "\n"
+    "commands:\n"
+    "  agent     run the workspace agent (dials the relay)\n"
+    "  relay     run the relay, the control-plane end of the tunnel\n"
+    "  forward   forward a local TCP port to a port inside a workspace\n"
+    "  status    print the relay's view of workspaces as JSON\n"
+    "  demo      run a relay and an agent on loopback, this directory as the workspace\n"
+    "  version   print versions of tether and its libraries\n"
+    "\n"
+    "Every command takes --help. Exit status: 0 success, 1 failure, 2 usage error.\n";
+
+static int cmd_version(void)
+{
+    printf("tether %s\n", TETHER_VERSION);
+    printf("libuv %s, libwebsockets %s, libssh %s, jansson %s, zlib %s\n", uv_version_string(),
+           lws_get_library_version(), ssh_version(0), JANSSON_VERSION, zlibVersion());
+    return EXIT_OK;
+}
+
+int main(int argc, char **argv)
+{
+    /* Writes to a closed socket must fail with EPIPE, not kill the process. */
+    signal(SIGPIPE, SIG_IGN);
+    if (argc < 2) {
+        fputs(usage, stderr);
+        return EXIT_USAGE;
+    }
+    const char *cmd = argv[1];
+    if (strcmp(cmd, "--help") == 0 || strcmp(cmd, "-h") == 0 || strcmp(cmd, "help") == 0) {
+        fputs(usage, stdout);
+        return EXIT_OK;
+    }
+    if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0)
+        return cmd_version();
+    if (strcmp(cmd, "relay") == 0)
+        return cmd_relay(argc - 1, argv + 1);
+    if (strcmp(cmd, "agent") == 0)
+        return cmd_agent(argc - 1, argv + 1);
+    if (strcmp(cmd, "forward") == 0)
+        return cmd_forward(argc - 1, argv + 1);
+    if (strcmp(cmd, "status") == 0)
+        return cmd_status(argc - 1, argv + 1);
+    if (strcmp(cmd, "demo") == 0)
+        return cmd_demo(argc - 1, argv + 1);
+    cli_error("unknown command '%s' (try 'tether --help')", cmd);
+    return EXIT_USAGE;
+}

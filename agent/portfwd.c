@@ -1,0 +1,300 @@
+#include "portfwd.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#include "stream.h"
+#include "tunnel/log.h"
+
+struct portfwd {
+    struct agent_stream base;
+    struct portfwd_shared *sh;
+    struct mux *mux; /* NULL once the stream is gone */
+    uint32_t id;
+    uv_tcp_t tcp;
+    uv_connect_t connect_req;
+    uv_shutdown_t shutdown_req;
+    bool connected;
+    bool reading;
+    bool eof_from_target;
+    bool fin_from_peer;
+    bool shutdown_started;
+    bool closing;
+    size_t writes_pending; /* bytes handed to uv_write and not yet completed */
+};
+
+struct portfwd_write {
+    uv_write_t req;
+    struct portfwd *p;
+    size_t len;
+    uint8_t data[];
+};
+
+static const struct stream_ops portfwd_ops;
+
+static void on_closed_handle(uv_handle_t *h)
+{
+    free(h->data);
+}
+
+/* Closes the socket and frees the object once libuv lets go of it. */
+static void portfwd_close(struct portfwd *p)
+{
+    if (p->closing)
+        return;
+    p->closing = true;
+    if (p->mux) {
+        mux_stream_reset(p->mux, p->id, PROTO_CODE_CANCEL, "target connection closed");
+        p->mux = NULL;
+    }
+    uv_close((uv_handle_t *)&p->tcp, on_closed_handle);
+}
+
+/* Once the peer is done and our writes are out: pass the half-close to the target. */
+static void on_shutdown(uv_shutdown_t *req, int status)
+{
+    struct portfwd *p = req->data;
+    (void)status;
+    if (!p->mux && !p->closing) /* the stream already ended: nothing more can come */
+        portfwd_close(p);
+}
+
+static void maybe_shutdown(struct portfwd *p)
+{
+    if (!p->fin_from_peer || p->writes_pending > 0 || p->shutdown_started || p->closing)
+        return;
+    p->shutdown_started = true;
+    p->shutdown_req.data = p;
+    if (uv_shutdown(&p->shutdown_req, (uv_stream_t *)&p->tcp, on_shutdown) < 0)
+        portfwd_close(p);
+}
+
+static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
+{
+    struct portfwd *p = h->data;
+    (void)suggested;
+    size_t room = p->mux ? mux_stream_room(p->mux, p->id) : 0;
+    if (room > PORTFWD_READ_MAX)
+        room = PORTFWD_READ_MAX;
+    /* room 0 yields UV_ENOBUFS in on_read, which stops reading until credit returns. */
+    *buf = uv_buf_init((char *)p->sh->read_buf, (unsigned)room);
+}
+
+static void start_reading(struct portfwd *p);
+
+static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
+{
+    struct portfwd *p = s->data;
+    if (nread > 0) {
+        /* on_alloc sized the buffer to the stream's room, so the mux takes it all. */
+        mux_stream_send(p->mux, p->id, (const uint8_t *)buf->base, (size_t)nread);
+        if (mux_stream_room(p->mux, p->id) == 0) {
+            uv_read_stop(s);
+            p->reading = false;
+        }
+        return;
+    }
+    if (nread == 0)
+        return;
+    uv_read_stop(s);
+    p->reading = false;
+    if (nread == UV_ENOBUFS)
+        return; /* no credit: stream_writable restarts reading */
+    if (nread == UV_EOF) {
+        p->eof_from_target = true;
+        if (p->mux)
+            mux_stream_shutdown(p->mux, p->id);
+        return;
+    }
+    log_debug("stream %u: target read failed: %s", p->id, uv_strerror((int)nread));
+    portfwd_close(p);
+}
+
+static void start_reading(struct portfwd *p)
+{
+    if (p->reading || p->eof_from_target || p->closing || !p->mux || !p->connected)
+        return;
+    if (mux_stream_room(p->mux, p->id) == 0)
+        return;
+    if (uv_read_start((uv_stream_t *)&p->tcp, on_alloc, on_read) == 0)
+        p->reading = true;
+}
+
+static uint32_t code_for(int uverr)
+{
+    switch (uverr) {
+    case UV_ECONNREFUSED:
+        return PROTO_CODE_REFUSED;
+    case UV_ETIMEDOUT:
+        return PROTO_CODE_TIMEOUT;
+    case UV_EHOSTUNREACH:
+    case UV_ENETUNREACH:
+    case UV_EADDRNOTAVAIL:
+    case UV_EINVAL:
+        return PROTO_CODE_UNREACHABLE;
+    default:
+        return PROTO_CODE_INTERNAL;
+    }
+}
+
+static void on_connect(uv_connect_t *req, int status)
+{
+    struct portfwd *p = req->data;
+    if (p->closing)
+        return;
+    if (!p->mux) { /* the tunnel went away while dialing */
+        portfwd_close(p);
+        return;
+    }
+    if (status < 0) {
+        const char *text = status == UV_ECONNREFUSED ? "connection refused" : uv_strerror(status);
+        mux_stream_reject(p->mux, p->id, code_for(status), text);
+        p->mux = NULL;
+        portfwd_close(p);
+        return;
+    }
+    p->connected = true;
+    uv_tcp_nodelay(&p->tcp, 1);
+    if (mux_stream_accept(p->mux, p->id, p) < 0) {
+        p->mux = NULL;
+        portfwd_close(p);
+        return;
+    }
+    start_reading(p);
+}
+
+static void on_write(uv_write_t *req, int status)
+{
+    struct portfwd_write *w = (struct portfwd_write *)req;
+    struct portfwd *p = w->p;
+    p->writes_pending -= w->len;
+    if (status == 0 && p->mux)
+        mux_stream_consumed(p->mux, p->id, w->len);
+    free(w);
+    if (status < 0) {
+        portfwd_close(p);
+        return;
+    }
+    maybe_shutdown(p);
+}
+
+static void pf_data(void *s, const uint8_t *data, size_t len)
+{
+    struct portfwd *p = s;
+    if (p->closing)
+        return;
+    size_t done = 0;
+    /* Try the socket first: most writes complete at once and need no copy. */
+    if (p->writes_pending == 0) {
+        uv_buf_t b = uv_buf_init((char *)data, (unsigned)len);
+        int n = uv_try_write((uv_stream_t *)&p->tcp, &b, 1);
+        if (n > 0)
+            done = (size_t)n;
+        else if (n < 0 && n != UV_EAGAIN) {
+            portfwd_close(p);
+            return;
+        }
+    }
+    if (done > 0)
+        mux_stream_consumed(p->mux, p->id, done);
+    if (done == len)
+        return;
+    size_t rest = len - done;
+    struct portfwd_write *w = malloc(sizeof(*w) + rest);
+    if (!w) {
+        portfwd_close(p);
+        return;
+    }
+    memcpy(w->data, data + done, rest);
+    w->p = p;
+    w->len = rest;
+    uv_buf_t b = uv_buf_init((char *)w->data, (unsigned)rest);
+    if (uv_write(&w->req, (uv_stream_t *)&p->tcp, &b, 1, on_write) < 0) {
+        free(w);
+        portfwd_close(p);
+        return;
+    }
+    p->writes_pending += rest;
+}
+
+static void pf_fin(void *s)
+{
+    struct portfwd *p = s;
+    p->fin_from_peer = true;
+    maybe_shutdown(p);
+}
+
+static void pf_writable(void *s)
+{
+    start_reading(s);
+}
+
+static void pf_closed(void *s, uint32_t code)
+{
+    struct portfwd *p = s;
+    p->mux = NULL;
+    if (code != 0 || !p->connected) {
+        portfwd_close(p);
+        return;
+    }
+    /* Both ends finished: close once our last writes reached the target. */
+    p->fin_from_peer = true;
+    if (p->writes_pending == 0 && p->shutdown_started)
+        portfwd_close(p);
+    else
+        maybe_shutdown(p);
+}
+
+static const struct stream_ops portfwd_ops = {
+    .data = pf_data,
+    .fin = pf_fin,
+    .writable = pf_writable,
+    .closed = pf_closed,
+};
+
+/* Targets are numeric addresses (no DNS on the loop); "localhost" means 127.0.0.1. */
+static int target_addr(const struct proto_open *o, struct sockaddr_storage *sa)
+{
+    const char *host = strcmp(o->host, "localhost") == 0 ? "127.0.0.1" : o->host;
+    if (uv_ip4_addr(host, o->port, (struct sockaddr_in *)sa) == 0)
+        return 0;
+    if (uv_ip6_addr(host, o->port, (struct sockaddr_in6 *)sa) == 0)
+        return 0;
+    return -1;
+}
+
+void portfwd_open(struct portfwd_shared *sh, struct mux *m, uint32_t id, const struct proto_open *o)
+{
+    struct sockaddr_storage sa;
+    if (target_addr(o, &sa) < 0) {
+        mux_stream_reject(m, id, PROTO_CODE_UNREACHABLE, "target host must be a numeric address");
+        return;
+    }
+    struct portfwd *p = calloc(1, sizeof(*p));
+    if (!p) {
+        mux_stream_reject(m, id, PROTO_CODE_INTERNAL, "out of memory");
+        return;
+    }
+    p->base.ops = &portfwd_ops;
+    p->sh = sh;
+    p->mux = m;
+    p->id = id;
+    int rc = uv_tcp_init(sh->loop, &p->tcp);
+    if (rc < 0) {
+        free(p);
+        mux_stream_reject(m, id, PROTO_CODE_INTERNAL, uv_strerror(rc));
+        return;
+    }
+    p->tcp.data = p;
+    p->connect_req.data = p;
+    mux_stream_set_user(m, id, p);
+    rc = uv_tcp_connect(&p->connect_req, &p->tcp, (struct sockaddr *)&sa, on_connect);
+    if (rc < 0) {
+        /* EMFILE and friends arrive here: refuse this stream clearly, keep the others. */
+        mux_stream_reject(m, id, code_for(rc),
+                          rc == UV_EMFILE || rc == UV_ENFILE ? "agent is out of file descriptors"
+                                                             : uv_strerror(rc));
+        p->mux = NULL;
+        portfwd_close(p);
+    }
+}

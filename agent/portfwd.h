@@ -1,0 +1,33 @@
+/*
+ * portfwd: tunnel streams of kind tcp, served by the agent: each one is a TCP connection
+ * from the agent to host:port (the relay asks for 127.0.0.1:PORT). Bytes flow both ways
+ * under the stream's credit; a half-close on either side becomes FIN on the other.
+ */
+#ifndef TETHER_PORTFWD_H
+#define TETHER_PORTFWD_H
+
+#include <stdint.h>
+
+#include <uv.h>
+
+#include "proto/proto.h"
+#include "tunnel/mux.h"
+
+/* Largest single read from a target socket. */
+#define PORTFWD_READ_MAX (64u * 1024)
+
+/* Shared by every forwarded connection of one agent: reads are consumed at once. */
+struct portfwd_shared {
+    uv_loop_t *loop;
+    uint8_t read_buf[PORTFWD_READ_MAX];
+};
+
+/*
+ * Starts dialing for a tcp OPEN on stream id. The stream is accepted once the connection
+ * is up, or rejected with a reason (connection refused, unreachable, ...). The object
+ * becomes the stream's user pointer (a struct agent_stream) and frees itself.
+ */
+void portfwd_open(struct portfwd_shared *sh, struct mux *m, uint32_t id,
+                  const struct proto_open *o);
+
+#endif

@@ -1,0 +1,27 @@
+/*
+ * stream: what the agent attaches to every tunnel stream it serves. Each stream kind (tcp
+ * now; ssh and pty later) embeds struct agent_stream first and supplies one table of
+ * handlers, so the tunnel's callbacks dispatch without knowing the kinds.
+ */
+#ifndef TETHER_AGENT_STREAM_H
+#define TETHER_AGENT_STREAM_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+struct stream_ops {
+    /* DATA from the peer; report drained bytes with mux_stream_consumed. */
+    void (*data)(void *s, const uint8_t *data, size_t len);
+    /* The peer sent FIN. */
+    void (*fin)(void *s);
+    /* The stream has send credit again. */
+    void (*writable)(void *s);
+    /* The stream is gone (code 0: both ends finished); the mux forgets the id. */
+    void (*closed)(void *s, uint32_t code);
+};
+
+struct agent_stream {
+    const struct stream_ops *ops;
+};
+
+#endif
