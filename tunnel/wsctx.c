@@ -47,7 +47,8 @@ int wsctx_create(struct wsctx *w, const struct wsctx_config *cfg, char *err, siz
     info.pcontext = &w->ctx;
     info.port = CONTEXT_PORT_NO_LISTEN;
     info.retry_and_idle_policy = &no_lws_keepalive;
-    /* lws handles SIGPIPE itself only if asked; we ignore it process-wide in main. */
+    /* Every socket read lands here first: 4 KiB (lws's default) means a syscall per 4 KiB. */
+    info.pt_serv_buf_size = WSCTX_READ_BUF;
     w->ctx = lws_create_context(&info);
     if (!w->ctx) {
         snprintf(err, errlen,

@@ -46,6 +46,9 @@ struct wsctx {
 #define WSCTX_CLOSE_WAIT_S 2
 void wsctx_close_ws(struct lws *wsi, int code, const char *reason);
 
+/* The size of lws's per-thread read buffer: the most one socket read returns. */
+#define WSCTX_READ_BUF (256u * 1024)
+
 /* The system's CA bundle used when no --ca-file is given. */
 #define WSCTX_SYSTEM_CA_FILE "/etc/ssl/certs/ca-certificates.crt"
 
