@@ -14,14 +14,14 @@
 
 #include "cli.h"
 #include "commands.h"
-#include "tunnel/bytebuf.h"
+#include "tunnel/chunkq.h"
 #include "tunnel/log.h"
 #include "tunnel/wsc.h"
 
 /* Bytes read from a local connection and not yet sent: reading pauses above this. */
 #define FWD_TO_WS_MAX (256u * 1024)
-/* Bytes of one websocket message we send. */
-#define FWD_MSG_MAX (64u * 1024)
+/* The least free space worth reading into: below it, a fresh block is started. */
+#define FWD_READ_MIN (16u * 1024)
 /* Bytes waiting for the local socket: the websocket is paused above this. */
 #define FWD_TO_TCP_MAX (1024u * 1024)
 
@@ -47,8 +47,7 @@ struct forward {
     char path[256];
     uv_tcp_t listener;
     size_t active;
-    uint8_t out[WSC_PRE + FWD_MSG_MAX]; /* messages are built here; lws keeps leftovers */
-    char read_buf[FWD_MSG_MAX];         /* every read is consumed at once */
+    uint8_t fin_msg[WSC_PRE]; /* the empty end-of-stream message is built here */
 };
 
 struct fwd_conn {
@@ -62,8 +61,8 @@ struct fwd_conn {
     bool fin_received; /* the relay has nothing more */
     bool tcp_closing;
     bool rx_paused;
-    struct bytebuf to_ws;
-    size_t to_tcp; /* bytes in uv_write requests */
+    struct chunkq to_ws; /* read straight from the socket, sent from where it lies */
+    size_t to_tcp;       /* bytes in uv_write requests */
 };
 
 struct fwd_write {
@@ -77,7 +76,7 @@ static void on_tcp_closed(uv_handle_t *h)
 {
     struct fwd_conn *c = h->data;
     c->f->active--;
-    bytebuf_free(&c->to_ws);
+    chunkq_free(&c->to_ws);
     if (c->ws) {
         /* The websocket outlives the socket only briefly: detach, it frees itself. */
         wsc_close(c->ws, LWS_CLOSE_STATUS_NORMAL, "local connection closed");
@@ -96,18 +95,19 @@ static void tcp_close(struct fwd_conn *c)
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 {
     struct fwd_conn *c = h->data;
+    size_t room = 0;
+    uint8_t *tail = chunkq_tail(&c->to_ws, FWD_READ_MIN, &room);
     (void)suggested;
-    *buf = uv_buf_init(c->f->read_buf, sizeof(c->f->read_buf));
+    /* No memory yields UV_ENOBUFS in on_read, which closes the connection. */
+    *buf = uv_buf_init((char *)tail, tail ? (unsigned)room : 0);
 }
 
 static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
 {
     struct fwd_conn *c = s->data;
+    (void)buf;
     if (n > 0) {
-        if (bytebuf_append(&c->to_ws, buf->base, (size_t)n) < 0) {
-            tcp_close(c);
-            return;
-        }
+        chunkq_commit(&c->to_ws, (size_t)n);
         if (c->to_ws.len >= FWD_TO_WS_MAX) {
             uv_read_stop(s);
             c->reading = false;
@@ -235,12 +235,13 @@ static void ws_writable(void *ud, struct wsc *ws)
 {
     struct fwd_conn *c = ud;
     struct forward *f = c->f;
-    if (c->to_ws.len > 0) {
-        size_t n = c->to_ws.len < FWD_MSG_MAX ? c->to_ws.len : FWD_MSG_MAX;
-        memcpy(f->out + WSC_PRE, bytebuf_peek(&c->to_ws), n);
-        if (wsc_write(ws, f->out, n, true) < 0)
+    size_t n;
+    uint8_t *front = chunkq_front(&c->to_ws, &n);
+    if (front) {
+        /* Framed and masked where the bytes lie: the block keeps WSC_PRE bytes in front. */
+        if (wsc_write(ws, front - WSC_PRE, n, true) < 0)
             return;
-        bytebuf_consume(&c->to_ws, n);
+        chunkq_consume(&c->to_ws, n);
         start_reading(c);
         if (c->to_ws.len > 0 || c->tcp_eof)
             wsc_want_write(ws);
@@ -248,7 +249,7 @@ static void ws_writable(void *ud, struct wsc *ws)
     }
     if (c->tcp_eof && !c->fin_sent) {
         c->fin_sent = true;
-        wsc_write(ws, f->out, 0, true);
+        wsc_write(ws, f->fin_msg, 0, true);
     }
 }
 
@@ -303,6 +304,7 @@ static void on_connection(uv_stream_t *server, int status)
     c->f = f;
     uv_tcp_init(&f->rt.loop, &c->tcp);
     c->tcp.data = c;
+    chunkq_init(&c->to_ws, WSC_PRE);
     f->active++;
     if (uv_accept(server, (uv_stream_t *)&c->tcp) < 0) {
         tcp_close(c);

@@ -7,6 +7,7 @@
 #include <jansson.h>
 
 #include "bytebuf.h"
+#include "chunkq.h"
 #include "log.h"
 #include "mux.h"
 #include "tokens.h"
@@ -15,8 +16,6 @@
 #define RELAY_TICK_MS 500u
 /* Bytes a client may send beyond its stream's credit before reading from it pauses. */
 #define RELAY_CLIENT_CHUNK (64u * 1024)
-/* Bytes written to a client websocket per WRITEABLE. */
-#define RELAY_CLIENT_WRITE (64u * 1024)
 #define RELAY_MAX_WORKSPACES 100000u
 /* Close codes for client websockets: 4000 + an OPEN_FAIL/RST code (PROTOCOL.md). */
 #define RELAY_CLOSE_CODE_BASE 4000
@@ -46,7 +45,7 @@ struct relay_client {
     bool close_sent;
     int close_code;
     char close_reason[124];
-    struct bytebuf to_client;   /* from the agent, waiting for the client's socket */
+    struct chunkq to_client;    /* from the agent, waiting for the client's socket */
     struct bytebuf from_client; /* beyond the stream's credit: reading is paused meanwhile */
     struct relay_client *next;  /* in agent->clients */
 };
@@ -349,6 +348,7 @@ static int client_established(struct relay *r, struct lws *wsi, struct relay_pss
     if (!c)
         return -1;
     c->wsi = wsi;
+    chunkq_init(&c->to_client, LWS_PRE);
     pss->kind = PSS_CLIENT;
     pss->obj = c;
     struct proto_open o = {.kind = PROTO_KIND_TCP, .port = (uint16_t)rt.port};
@@ -409,12 +409,13 @@ static int client_writable(struct relay *r, struct relay_client *c)
         }
         return 0;
     }
-    if (c->to_client.len > 0) {
-        size_t n = c->to_client.len < RELAY_CLIENT_WRITE ? c->to_client.len : RELAY_CLIENT_WRITE;
-        memcpy(r->out + LWS_PRE, bytebuf_peek(&c->to_client), n);
-        if (lws_write(c->wsi, r->out + LWS_PRE, n, LWS_WRITE_BINARY) < (int)n)
+    size_t n;
+    uint8_t *front = chunkq_front(&c->to_client, &n);
+    if (front) {
+        /* lws writes the frame header into the LWS_PRE bytes the block keeps in front. */
+        if (lws_write(c->wsi, front, n, LWS_WRITE_BINARY) < (int)n)
             return -1;
-        bytebuf_consume(&c->to_client, n);
+        chunkq_consume(&c->to_client, n);
         if (c->agent && c->stream)
             mux_stream_consumed(c->agent->mux, c->stream, n);
         if (c->to_client.len > 0 || c->fin_from_agent)
@@ -437,7 +438,7 @@ static void client_closed(struct relay_client *c)
     if (c->agent && c->stream)
         mux_stream_reset(c->agent->mux, c->stream, PROTO_CODE_CANCEL, "client went away");
     client_detach(c);
-    bytebuf_free(&c->to_client);
+    chunkq_free(&c->to_client);
     bytebuf_free(&c->from_client);
     free(c);
 }
@@ -478,7 +479,7 @@ static void a_stream_data(void *ud, uint32_t id, void *sud, const uint8_t *data,
     (void)id;
     if (c->closing)
         return;
-    if (bytebuf_append(&c->to_client, data, len) < 0) {
+    if (chunkq_append(&c->to_client, data, len) < 0) {
         client_close(c, LWS_CLOSE_STATUS_UNEXPECTED_CONDITION, "out of memory");
         return;
     }
