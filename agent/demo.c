@@ -129,15 +129,37 @@ static void on_demo_signal(struct cli_runtime *rt, int signum)
     agent_stop(d->agent, on_agent_stopped, d);
 }
 
+/* The command to print: "tether" if that is what PATH finds, else this binary's path. */
+static void self_command(char *out, size_t len)
+{
+    char self[512], found[512];
+    ssize_t n = readlink("/proc/self/exe", self, sizeof(self) - 1);
+    snprintf(out, len, "tether");
+    if (n <= 0)
+        return;
+    self[n] = '\0';
+    const char *path = getenv("PATH");
+    while (path && *path) {
+        size_t dl = strcspn(path, ":");
+        snprintf(found, sizeof(found), "%.*s/tether", (int)dl, path);
+        char real[512];
+        if (realpath(found, real) && strcmp(real, self) == 0)
+            return;
+        path += dl + (path[dl] == ':');
+    }
+    snprintf(out, len, "%s", self);
+}
+
 static void print_instructions(struct demo *d, const char *name, const char *url)
 {
-    char cwd[1024];
+    char cwd[1024], cmd[512];
     if (!getcwd(cwd, sizeof(cwd)))
         snprintf(cwd, sizeof(cwd), ".");
+    self_command(cmd, sizeof(cmd));
     printf("tether demo: relay on %s, workspace \"%s\" is %s\n\n", url, name, cwd);
     printf("In another terminal:\n");
-    printf("  tether status  --url %s --token-file %s\n", url, d->user_token_path);
-    printf("  tether forward --url %s --token-file %s %s 8080:8080\n", url, d->user_token_path,
+    printf("  %s status  --url %s --token-file %s\n", cmd, url, d->user_token_path);
+    printf("  %s forward --url %s --token-file %s %s 8080:8080\n", cmd, url, d->user_token_path,
            name);
     printf("    (then connections to 127.0.0.1:8080 reach port 8080 in the workspace)\n\n");
     printf("Ctrl-C stops the demo.\n");

@@ -250,12 +250,13 @@ static void ws_closed(void *ud, struct wsc *c, int status, const char *reason)
         snprintf(why, sizeof(why), "the relay answered HTTP %d", status);
     else
         snprintf(why, sizeof(why), "%s", reason);
-    if (was_up && d->ev->disconnected)
-        d->ev->disconnected(d->ud, why);
     if (d->state == DIAL_STOPPING) {
+        log_info("disconnected from the relay");
         release_if_done(d);
         return;
     }
+    if (was_up && d->ev->disconnected)
+        d->ev->disconnected(d->ud, why);
     if (was_up && uv_now(d->loop) - d->connected_at_ms >= d->cfg.stable_ms)
         d->attempt = 0;
     schedule_retry(d, why);
