@@ -14,6 +14,7 @@
 
 #include "cli.h"
 #include "commands.h"
+#include "proto/proto.h"
 #include "tunnel/chunkq.h"
 #include "tunnel/log.h"
 #include "tunnel/wsc.h"
@@ -268,6 +269,9 @@ static void ws_closed(void *ud, struct wsc *ws, int status, const char *reason)
         log_error("the relay refused the token (HTTP 401)");
     } else if (status == 404) {
         log_error("workspace %s not found, or the token may not reach it (HTTP 404)", f->workspace);
+    } else if (status == 4000 + PROTO_CODE_CANCEL) {
+        /* The target (or the agent's side) dropped the connection: routine for many apps. */
+        log_info("forward to %s port %d: %s", f->workspace, f->remote_port, reason);
     } else if (status >= 4000 && status < 5000) {
         log_error("forward to %s port %d: %s", f->workspace, f->remote_port, reason);
     } else {
