@@ -157,6 +157,40 @@ static int http_reply(struct lws *wsi, unsigned status, const char *body)
     return 0;
 }
 
+/*
+ * Refuses a websocket upgrade with a status and a JSON body. Written by hand: during
+ * HTTP_CONFIRM_UPGRADE lws has not recorded the request's HTTP version yet, and its header
+ * helpers would answer "HTTP/1.0", which websocket clients reject (RFC 6455 wants 1.1).
+ * Returns 1 (the connection is answered) or -1.
+ */
+static int refuse_upgrade(struct lws *wsi, unsigned status, const char *msg)
+{
+    static const struct {
+        unsigned code;
+        const char *text;
+    } reasons[] = {{401, "Unauthorized"}, {404, "Not Found"}, {503, "Service Unavailable"}};
+    const char *text = "Error";
+    for (size_t i = 0; i < sizeof(reasons) / sizeof(reasons[0]); i++)
+        if (reasons[i].code == status)
+            text = reasons[i].text;
+    json_t *o = json_pack("{s:s}", "error", msg);
+    char *body = json_dumps(o, JSON_COMPACT);
+    json_decref(o);
+    if (!body)
+        return -1;
+    uint8_t buf[LWS_PRE + 512];
+    int n = snprintf((char *)buf + LWS_PRE, sizeof(buf) - LWS_PRE,
+                     "HTTP/1.1 %u %s\r\nContent-Type: application/json\r\n"
+                     "Content-Length: %zu\r\nConnection: close\r\n\r\n%s\n",
+                     status, text, strlen(body) + 1, body);
+    free(body);
+    if (n < 0 || (size_t)n >= sizeof(buf) - LWS_PRE)
+        return -1;
+    if (lws_write(wsi, buf + LWS_PRE, (size_t)n, LWS_WRITE_HTTP_FINAL) < n)
+        return -1;
+    return 1;
+}
+
 static int http_error(struct lws *wsi, unsigned status, const char *msg)
 {
     char body[300];
@@ -275,20 +309,20 @@ static int confirm_upgrade(struct relay *r, struct lws *wsi)
     bearer_token(wsi, token, sizeof(token));
     if (rt.kind == ROUTE_AGENT) {
         if (!tokens_agent_workspace(r->tokens, token))
-            return http_error(wsi, 401, "unauthorized") < 0 ? -1 : 1;
+            return refuse_upgrade(wsi, 401, "unauthorized");
         return 0;
     }
     if (rt.kind != ROUTE_TCP)
-        return http_error(wsi, 404, "not found") < 0 ? -1 : 1;
+        return refuse_upgrade(wsi, 404, "not found");
     if (!tokens_user_valid(r->tokens, token))
-        return http_error(wsi, 401, "unauthorized") < 0 ? -1 : 1;
+        return refuse_upgrade(wsi, 401, "unauthorized");
     struct relay_workspace *w = workspace_find(r, rt.name);
     if (!w || !tokens_user_allows(r->tokens, token, rt.name))
-        return http_error(wsi, 404, "no such workspace") < 0 ? -1 : 1;
+        return refuse_upgrade(wsi, 404, "no such workspace");
     if (!w->agent) {
         char msg[128];
         snprintf(msg, sizeof(msg), "workspace %s is offline", w->name);
-        return http_error(wsi, 503, msg) < 0 ? -1 : 1;
+        return refuse_upgrade(wsi, 503, msg);
     }
     return 0;
 }
