@@ -1,5 +1,6 @@
 #include "cli.h"
 
+#include <getopt.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -15,6 +16,16 @@ void cli_error(const char *fmt, ...)
     vsnprintf(line, sizeof(line), fmt, ap);
     va_end(ap);
     fprintf(stderr, "tether: %s\n", line);
+}
+
+int cli_bad_option(const char *command, char **argv, int getopt_result)
+{
+    const char *opt = argv[optind - 1];
+    if (getopt_result == ':')
+        cli_error("option '%s' needs a value (see 'tether %s --help')", opt, command);
+    else
+        cli_error("unknown option '%s' (see 'tether %s --help')", opt, command);
+    return EXIT_USAGE;
 }
 
 int cli_duration_ms(const char *text, uint64_t *ms)

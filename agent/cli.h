@@ -19,6 +19,12 @@ enum { EXIT_OK = 0, EXIT_FAIL = 1, EXIT_USAGE = 2 };
 /* Prints "tether: MESSAGE" on stderr. */
 void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
+/*
+ * For getopt_long's '?' and ':' results (use an optstring starting with ':' and opterr = 0):
+ * prints one line naming the bad option and returns EXIT_USAGE.
+ */
+int cli_bad_option(const char *command, char **argv, int getopt_result);
+
 /* Parses "250ms", "3s", "2m", "1h" or a bare number of seconds. Returns 0 or -1. */
 int cli_duration_ms(const char *text, uint64_t *ms);
 

@@ -76,7 +76,8 @@ int cmd_agent(int argc, char **argv)
     dial_config_default(&dc);
     uint64_t ms;
     int c;
-    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+    opterr = 0; /* our own one-line messages instead of getopt's */
+    while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
         switch (c) {
         case 'u':
             cc.url_text = optarg;
@@ -111,8 +112,7 @@ int cmd_agent(int argc, char **argv)
             fputs(agent_usage, stdout);
             return EXIT_OK;
         default:
-            fputs(agent_usage, stderr);
-            return EXIT_USAGE;
+            return cli_bad_option("agent", argv, c);
         }
     }
     if (optind != argc) {

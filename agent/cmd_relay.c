@@ -69,7 +69,8 @@ int cmd_relay(int argc, char **argv)
     relay_config_default(&cfg);
     uint64_t ms;
     int c;
-    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+    opterr = 0; /* our own one-line messages instead of getopt's */
+    while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
         switch (c) {
         case 'l':
             listen = optarg;
@@ -104,8 +105,7 @@ int cmd_relay(int argc, char **argv)
             fputs(relay_usage, stdout);
             return EXIT_OK;
         default:
-            fputs(relay_usage, stderr);
-            return EXIT_USAGE;
+            return cli_bad_option("relay", argv, c);
         }
     }
     if (optind != argc || !listen || !cfg.tokens_path) {

@@ -236,7 +236,8 @@ int cmd_demo(int argc, char **argv)
     };
     const char *listen = DEMO_DEFAULT_LISTEN, *name = "demo";
     int c;
-    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+    opterr = 0; /* our own one-line messages instead of getopt's */
+    while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
         switch (c) {
         case 'l':
             listen = optarg;
@@ -254,8 +255,7 @@ int cmd_demo(int argc, char **argv)
             fputs(demo_usage, stdout);
             return EXIT_OK;
         default:
-            fputs(demo_usage, stderr);
-            return EXIT_USAGE;
+            return cli_bad_option("demo", argv, c);
         }
     }
     if (optind != argc) {

@@ -393,7 +393,8 @@ static int forward_run(struct forward *f, int argc, char **argv)
     };
     int rc;
     int c;
-    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+    opterr = 0; /* our own one-line messages instead of getopt's */
+    while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
         switch (c) {
         case 'u':
             f->cc.url_text = optarg;
@@ -417,8 +418,7 @@ static int forward_run(struct forward *f, int argc, char **argv)
             fputs(forward_usage, stdout);
             return EXIT_OK;
         default:
-            fputs(forward_usage, stderr);
-            return EXIT_USAGE;
+            return cli_bad_option("forward", argv, c);
         }
     }
     if (argc - optind != 2) {

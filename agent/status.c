@@ -104,7 +104,8 @@ int cmd_status(int argc, char **argv)
     struct cli_client cc;
     memset(&cc, 0, sizeof(cc));
     int c;
-    while ((c = getopt_long(argc, argv, "h", opts, NULL)) != -1) {
+    opterr = 0; /* our own one-line messages instead of getopt's */
+    while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
         switch (c) {
         case 'u':
             cc.url_text = optarg;
@@ -122,8 +123,7 @@ int cmd_status(int argc, char **argv)
             fputs(status_usage, stdout);
             return EXIT_OK;
         default:
-            fputs(status_usage, stderr);
-            return EXIT_USAGE;
+            return cli_bad_option("status", argv, c);
         }
     }
     if (argc - optind > 1) {
