@@ -168,7 +168,8 @@ static void on_keepalive(uv_timer_t *t)
     if (mux_tick(d->mux, uv_now(d->loop)) == MUX_E_TIMEOUT) {
         log_warn("no traffic from the relay for %u ms: dropping the connection",
                  d->cfg.mux.keepalive_timeout_ms);
-        wsc_close(d->conn, LWS_CLOSE_STATUS_GOINGAWAY, "keepalive timeout");
+        /* A silent peer will not answer a close handshake either: drop it now. */
+        wsc_abort(d->conn, "keepalive timeout");
         return;
     }
     arm_keepalive(d);

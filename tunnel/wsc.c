@@ -104,6 +104,8 @@ static int build_request(struct wsc *c, const struct wsc_params *p, const char *
     return 0;
 }
 
+static void finish(struct wsc *c, struct lws *wsi);
+
 /* Frees what a connection holds besides itself; secrets are wiped first. */
 static void free_buffers(struct wsc *c)
 {
@@ -242,6 +244,16 @@ void wsc_close(struct wsc *c, int code, const char *reason)
         c->state = WSC_CLOSING;
         lws_set_timeout(c->wsi, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_ASYNC);
     }
+}
+
+void wsc_abort(struct wsc *c, const char *reason)
+{
+    snprintf(c->reason, sizeof(c->reason), "%s", reason);
+    c->status = 0;
+    struct lws *wsi = c->wsi;
+    /* lws would wait for the dead peer's FIN before reporting the close: don't wait. */
+    lws_set_timeout(wsi, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_ASYNC);
+    finish(c, wsi);
 }
 
 void wsc_confirm_alive(struct wsc *c)

@@ -66,6 +66,12 @@ void wsc_want_write(struct wsc *c);
 void wsc_pause_rx(struct wsc *c, bool pause);
 /* Closes with a websocket close code and reason; `closed` follows, asynchronously. */
 void wsc_close(struct wsc *c, int code, const char *reason);
+/*
+ * Drops the connection at once, without a close handshake (the peer is unresponsive):
+ * `closed` is called before this returns, and c is gone afterwards. lws finishes tearing
+ * the socket down in the background.
+ */
+void wsc_abort(struct wsc *c, const char *reason);
 int wsc_http_status(const struct wsc *c);
 /* The peer is alive (a frame of ours arrived): resets lws's own idle timers. */
 void wsc_confirm_alive(struct wsc *c);
