@@ -17,6 +17,8 @@
 /* Bytes a client may send beyond its stream's credit before reading from it pauses. */
 #define RELAY_CLIENT_CHUNK (64u * 1024)
 #define RELAY_MAX_WORKSPACES 100000u
+/* lws hands websocket payload to the relay in pieces of at most this many bytes. */
+#define RELAY_RX_BUFFER (64u * 1024)
 /* Close codes for client websockets: 4000 + an OPEN_FAIL/RST code (PROTOCOL.md). */
 #define RELAY_CLOSE_CODE_BASE 4000
 
@@ -791,7 +793,7 @@ static int relay_callback(struct lws *wsi, enum lws_callback_reasons reason, voi
 
 static const struct lws_protocols protocols[] = {
     /* First entry: also serves plain HTTP and websockets that ask for no subprotocol. */
-    {PROTO_SUBPROTOCOL, relay_callback, sizeof(struct relay_pss), 65536, 0, NULL, 0},
+    {PROTO_SUBPROTOCOL, relay_callback, sizeof(struct relay_pss), RELAY_RX_BUFFER, 0, NULL, 0},
     {NULL, NULL, 0, 0, 0, NULL, 0},
 };
 
