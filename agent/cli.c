@@ -6,6 +6,7 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "tunnel/log.h"
 #include "tunnel/tokens.h"
 
 void cli_error(const char *fmt, ...)
@@ -18,13 +19,68 @@ void cli_error(const char *fmt, ...)
     fprintf(stderr, "tether: %s\n", line);
 }
 
-int cli_bad_option(const char *command, char **argv, int getopt_result)
+int cli_getopt(int argc, char **argv, const struct option *opts)
 {
-    const char *opt = argv[optind - 1];
-    if (getopt_result == ':')
-        cli_error("option '%s' needs a value (see 'tether %s --help')", opt, command);
-    else
-        cli_error("unknown option '%s' (see 'tether %s --help')", opt, command);
+    opterr = 0;
+    return getopt_long(argc, argv, ":h", opts, NULL);
+}
+
+/* Durations of keepalive settings: at least 100 ms, at most an hour. */
+static int keepalive_value(const char *arg, uint32_t *out)
+{
+    uint64_t ms;
+    if (cli_duration_ms(arg, &ms) < 0 || ms < 100 || ms > 3600000) {
+        cli_error("bad duration '%s' (e.g. 500ms, 15s; from 100ms to 1h)", arg);
+        return EXIT_USAGE;
+    }
+    *out = (uint32_t)ms;
+    return CLI_NEXT;
+}
+
+int cli_shared_option(const struct cli_shared *sh, int c, char **argv)
+{
+    struct cli_client *cc = sh->client;
+    switch (c) {
+    case 'u':
+    case 't':
+    case 'C':
+    case 'I':
+        if (!cc)
+            break;
+        if (c == 'u')
+            cc->url_text = optarg;
+        else if (c == 't')
+            cc->token_file = optarg;
+        else if (c == 'C')
+            cc->ca_file = optarg;
+        else
+            cc->insecure = true;
+        return CLI_NEXT;
+    case 'i':
+        if (sh->keepalive_idle_ms)
+            return keepalive_value(optarg, sh->keepalive_idle_ms);
+        break;
+    case 'T':
+        if (sh->keepalive_timeout_ms)
+            return keepalive_value(optarg, sh->keepalive_timeout_ms);
+        break;
+    case 'L':
+        if ((tether_log_level = log_level_parse(optarg)) < 0) {
+            cli_error("bad log level '%s' (error, warn, info or debug)", optarg);
+            return EXIT_USAGE;
+        }
+        return CLI_NEXT;
+    case 'h':
+        fputs(sh->usage, stdout);
+        return EXIT_OK;
+    case ':':
+        cli_error("option '%s' needs a value (see 'tether %s --help')", argv[optind - 1],
+                  sh->command);
+        return EXIT_USAGE;
+    default:
+        break;
+    }
+    cli_error("unknown option '%s' (see 'tether %s --help')", argv[optind - 1], sh->command);
     return EXIT_USAGE;
 }
 

@@ -6,6 +6,7 @@
 #define TETHER_CLI_H
 
 #include <stdbool.h>
+#include <getopt.h>
 #include <stdint.h>
 
 #include <uv.h>
@@ -20,10 +21,48 @@ enum { EXIT_OK = 0, EXIT_FAIL = 1, EXIT_USAGE = 2 };
 void cli_error(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
 
 /*
- * For getopt_long's '?' and ':' results (use an optstring starting with ':' and opterr = 0):
- * prints one line naming the bad option and returns EXIT_USAGE.
+ * Options several commands share. A command's getopt table lists the groups it takes
+ * (CLI_OPTS_END last); its parse loop handles its own options and passes every other
+ * getopt result to cli_shared_option.
  */
-int cli_bad_option(const char *command, char **argv, int getopt_result);
+#define CLI_OPTS_CLIENT                                                                            \
+    {"url", required_argument, NULL, 'u'}, {"token-file", required_argument, NULL, 't'},           \
+        {"ca-file", required_argument, NULL, 'C'},                                                 \
+    {                                                                                              \
+        "insecure", no_argument, NULL, 'I'                                                         \
+    }
+#define CLI_OPTS_KEEPALIVE                                                                         \
+    {"keepalive-idle", required_argument, NULL, 'i'},                                              \
+    {                                                                                              \
+        "keepalive-timeout", required_argument, NULL, 'T'                                          \
+    }
+#define CLI_OPTS_END                                                                               \
+    {"log-level", required_argument, NULL, 'L'}, {"help", no_argument, NULL, 'h'},                 \
+    {                                                                                              \
+        NULL, 0, NULL, 0                                                                           \
+    }
+
+struct cli_client;
+
+/* Where the shared options land; NULL pointers mean the command does not take them. */
+struct cli_shared {
+    const char *command; /* for messages */
+    const char *usage;   /* printed by --help */
+    struct cli_client *client;
+    uint32_t *keepalive_idle_ms;
+    uint32_t *keepalive_timeout_ms;
+};
+
+/* getopt_long with tether's conventions: no getopt messages, ':' for a missing value. */
+int cli_getopt(int argc, char **argv, const struct option *opts);
+
+#define CLI_NEXT (-1) /* go on parsing */
+/*
+ * Handles one result of cli_getopt that is not the command's own: a shared option, --help,
+ * or an unknown/incomplete option (one "tether:" line). Returns CLI_NEXT or the exit
+ * status the command should return now.
+ */
+int cli_shared_option(const struct cli_shared *sh, int c, char **argv);
 
 /* Parses "250ms", "3s", "2m", "1h" or a bare number of seconds. Returns 0 or -1. */
 int cli_duration_ms(const char *text, uint64_t *ms);

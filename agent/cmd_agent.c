@@ -59,61 +59,23 @@ static void on_relay_shutdown(void *arg)
 
 int cmd_agent(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"url", required_argument, NULL, 'u'},
-        {"token-file", required_argument, NULL, 't'},
-        {"ca-file", required_argument, NULL, 'C'},
-        {"insecure", no_argument, NULL, 'I'},
-        {"keepalive-idle", required_argument, NULL, 'i'},
-        {"keepalive-timeout", required_argument, NULL, 'T'},
-        {"log-level", required_argument, NULL, 'L'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
-    };
+    static const struct option opts[] = {CLI_OPTS_CLIENT, CLI_OPTS_KEEPALIVE, CLI_OPTS_END};
     struct cli_client cc;
     memset(&cc, 0, sizeof(cc));
     struct dial_config dc;
     dial_config_default(&dc);
-    uint64_t ms;
+    const struct cli_shared sh = {
+        .command = "agent",
+        .usage = agent_usage,
+        .client = &cc,
+        .keepalive_idle_ms = &dc.mux.keepalive_idle_ms,
+        .keepalive_timeout_ms = &dc.mux.keepalive_timeout_ms,
+    };
     int c;
-    opterr = 0; /* our own one-line messages instead of getopt's */
-    while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
-        switch (c) {
-        case 'u':
-            cc.url_text = optarg;
-            break;
-        case 't':
-            cc.token_file = optarg;
-            break;
-        case 'C':
-            cc.ca_file = optarg;
-            break;
-        case 'I':
-            cc.insecure = true;
-            break;
-        case 'i':
-        case 'T':
-            if (cli_duration_ms(optarg, &ms) < 0 || ms < 100 || ms > 3600000) {
-                cli_error("bad duration '%s' (e.g. 500ms, 15s)", optarg);
-                return EXIT_USAGE;
-            }
-            if (c == 'i')
-                dc.mux.keepalive_idle_ms = (uint32_t)ms;
-            else
-                dc.mux.keepalive_timeout_ms = (uint32_t)ms;
-            break;
-        case 'L':
-            if ((tether_log_level = log_level_parse(optarg)) < 0) {
-                cli_error("bad log level '%s'", optarg);
-                return EXIT_USAGE;
-            }
-            break;
-        case 'h':
-            fputs(agent_usage, stdout);
-            return EXIT_OK;
-        default:
-            return cli_bad_option("agent", argv, c);
-        }
+    while ((c = cli_getopt(argc, argv, opts)) != -1) {
+        int rc = cli_shared_option(&sh, c, argv);
+        if (rc != CLI_NEXT)
+            return rc;
     }
     if (optind != argc) {
         cli_error("unexpected argument '%s'", argv[optind]);

@@ -55,58 +55,40 @@ int cmd_relay(int argc, char **argv)
 {
     static const struct option opts[] = {
         {"listen", required_argument, NULL, 'l'},
-        {"tokens", required_argument, NULL, 't'},
+        {"tokens", required_argument, NULL, 'k'},
         {"tls-cert", required_argument, NULL, 'c'},
-        {"tls-key", required_argument, NULL, 'k'},
-        {"keepalive-idle", required_argument, NULL, 'i'},
-        {"keepalive-timeout", required_argument, NULL, 'T'},
-        {"log-level", required_argument, NULL, 'L'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
+        {"tls-key", required_argument, NULL, 'K'},
+        CLI_OPTS_KEEPALIVE,
+        CLI_OPTS_END,
     };
     const char *listen = NULL, *cert = NULL, *key = NULL;
     struct relay_config cfg;
     relay_config_default(&cfg);
-    uint64_t ms;
+    const struct cli_shared sh = {
+        .command = "relay",
+        .usage = relay_usage,
+        .keepalive_idle_ms = &cfg.keepalive_idle_ms,
+        .keepalive_timeout_ms = &cfg.keepalive_timeout_ms,
+    };
     int c;
-    opterr = 0; /* our own one-line messages instead of getopt's */
-    while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
+    while ((c = cli_getopt(argc, argv, opts)) != -1) {
         switch (c) {
         case 'l':
             listen = optarg;
-            break;
-        case 't':
+            continue;
+        case 'k':
             cfg.tokens_path = optarg;
-            break;
+            continue;
         case 'c':
             cert = optarg;
-            break;
-        case 'k':
+            continue;
+        case 'K':
             key = optarg;
-            break;
-        case 'i':
-        case 'T':
-            if (cli_duration_ms(optarg, &ms) < 0 || ms < 100 || ms > 3600000) {
-                cli_error("bad duration '%s' (e.g. 500ms, 15s)", optarg);
-                return EXIT_USAGE;
-            }
-            if (c == 'i')
-                cfg.keepalive_idle_ms = (uint32_t)ms;
-            else
-                cfg.keepalive_timeout_ms = (uint32_t)ms;
-            break;
-        case 'L':
-            if ((tether_log_level = log_level_parse(optarg)) < 0) {
-                cli_error("bad log level '%s'", optarg);
-                return EXIT_USAGE;
-            }
-            break;
-        case 'h':
-            fputs(relay_usage, stdout);
-            return EXIT_OK;
-        default:
-            return cli_bad_option("relay", argv, c);
+            continue;
         }
+        int rc = cli_shared_option(&sh, c, argv);
+        if (rc != CLI_NEXT)
+            return rc;
     }
     if (optind != argc || !listen || !cfg.tokens_path) {
         if (optind != argc)

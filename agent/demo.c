@@ -230,33 +230,23 @@ int cmd_demo(int argc, char **argv)
     static const struct option opts[] = {
         {"listen", required_argument, NULL, 'l'},
         {"name", required_argument, NULL, 'n'},
-        {"log-level", required_argument, NULL, 'L'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
+        CLI_OPTS_END,
     };
     const char *listen = DEMO_DEFAULT_LISTEN, *name = "demo";
+    const struct cli_shared sh = {.command = "demo", .usage = demo_usage};
     int c;
-    opterr = 0; /* our own one-line messages instead of getopt's */
-    while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
+    while ((c = cli_getopt(argc, argv, opts)) != -1) {
         switch (c) {
         case 'l':
             listen = optarg;
-            break;
+            continue;
         case 'n':
             name = optarg;
-            break;
-        case 'L':
-            if ((tether_log_level = log_level_parse(optarg)) < 0) {
-                cli_error("bad log level '%s'", optarg);
-                return EXIT_USAGE;
-            }
-            break;
-        case 'h':
-            fputs(demo_usage, stdout);
-            return EXIT_OK;
-        default:
-            return cli_bad_option("demo", argv, c);
+            continue;
         }
+        int rc = cli_shared_option(&sh, c, argv);
+        if (rc != CLI_NEXT)
+            return rc;
     }
     if (optind != argc) {
         cli_error("unexpected argument '%s'", argv[optind]);

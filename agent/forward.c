@@ -382,44 +382,14 @@ int cmd_forward(int argc, char **argv)
 
 static int forward_run(struct forward *f, int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"url", required_argument, NULL, 'u'},
-        {"token-file", required_argument, NULL, 't'},
-        {"ca-file", required_argument, NULL, 'C'},
-        {"insecure", no_argument, NULL, 'I'},
-        {"log-level", required_argument, NULL, 'L'},
-        {"help", no_argument, NULL, 'h'},
-        {NULL, 0, NULL, 0},
-    };
+    static const struct option opts[] = {CLI_OPTS_CLIENT, CLI_OPTS_END};
+    const struct cli_shared sh = {.command = "forward", .usage = forward_usage, .client = &f->cc};
     int rc;
     int c;
-    opterr = 0; /* our own one-line messages instead of getopt's */
-    while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
-        switch (c) {
-        case 'u':
-            f->cc.url_text = optarg;
-            break;
-        case 't':
-            f->cc.token_file = optarg;
-            break;
-        case 'C':
-            f->cc.ca_file = optarg;
-            break;
-        case 'I':
-            f->cc.insecure = true;
-            break;
-        case 'L':
-            if ((tether_log_level = log_level_parse(optarg)) < 0) {
-                cli_error("bad log level '%s'", optarg);
-                return EXIT_USAGE;
-            }
-            break;
-        case 'h':
-            fputs(forward_usage, stdout);
-            return EXIT_OK;
-        default:
-            return cli_bad_option("forward", argv, c);
-        }
+    while ((c = cli_getopt(argc, argv, opts)) != -1) {
+        rc = cli_shared_option(&sh, c, argv);
+        if (rc != CLI_NEXT)
+            return rc;
     }
     if (argc - optind != 2) {
         cli_error("forward needs WORKSPACE and [BIND_ADDR:]LOCAL_PORT:REMOTE_PORT");

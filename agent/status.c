@@ -25,6 +25,7 @@ static const char status_usage[] =
     "  --token-file FILE   a user token (or TETHER_TOKEN_FILE, or TETHER_TOKEN)\n"
     "  --ca-file FILE      trust these CAs for https:// instead of the system's\n"
     "  --insecure          do not check the relay's certificate (development only)\n"
+    "  --log-level LEVEL   error, warn, info (default) or debug\n"
     "  -h, --help          this text\n";
 
 struct status_run {
@@ -96,35 +97,15 @@ static void on_status_signal(struct cli_runtime *rt, int signum)
 
 int cmd_status(int argc, char **argv)
 {
-    static const struct option opts[] = {
-        {"url", required_argument, NULL, 'u'},     {"token-file", required_argument, NULL, 't'},
-        {"ca-file", required_argument, NULL, 'C'}, {"insecure", no_argument, NULL, 'I'},
-        {"help", no_argument, NULL, 'h'},          {NULL, 0, NULL, 0},
-    };
+    static const struct option opts[] = {CLI_OPTS_CLIENT, CLI_OPTS_END};
     struct cli_client cc;
     memset(&cc, 0, sizeof(cc));
+    const struct cli_shared sh = {.command = "status", .usage = status_usage, .client = &cc};
     int c;
-    opterr = 0; /* our own one-line messages instead of getopt's */
-    while ((c = getopt_long(argc, argv, ":h", opts, NULL)) != -1) {
-        switch (c) {
-        case 'u':
-            cc.url_text = optarg;
-            break;
-        case 't':
-            cc.token_file = optarg;
-            break;
-        case 'C':
-            cc.ca_file = optarg;
-            break;
-        case 'I':
-            cc.insecure = true;
-            break;
-        case 'h':
-            fputs(status_usage, stdout);
-            return EXIT_OK;
-        default:
-            return cli_bad_option("status", argv, c);
-        }
+    while ((c = cli_getopt(argc, argv, opts)) != -1) {
+        int rc = cli_shared_option(&sh, c, argv);
+        if (rc != CLI_NEXT)
+            return rc;
     }
     if (argc - optind > 1) {
         cli_error("status takes at most one WORKSPACE");
