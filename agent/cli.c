@@ -150,20 +150,24 @@ int cli_client_resolve(struct cli_client *c)
     }
     if (!c->token_file)
         c->token_file = getenv("TETHER_TOKEN_FILE");
+    /* Taken (or not) now, and gone from the environment either way: no child inherits it. */
+    char *env_token = getenv("TETHER_TOKEN") ? strdup(getenv("TETHER_TOKEN")) : NULL;
+    unsetenv("TETHER_TOKEN");
     if (c->token_file) {
         c->token = tokens_read_secret(c->token_file, CLI_MAX_TOKEN, err, sizeof(err));
-        if (!c->token) {
-            cli_error("%s", err);
-            return EXIT_FAIL;
-        }
-    } else if (getenv("TETHER_TOKEN")) {
-        c->token = strdup(getenv("TETHER_TOKEN"));
-        unsetenv("TETHER_TOKEN");
-        if (!c->token) {
-            cli_error("out of memory");
-            return EXIT_FAIL;
-        }
-    } else {
+    } else if (env_token) {
+        c->token = env_token;
+        env_token = NULL;
+    }
+    if (env_token) { /* a token file won */
+        memset(env_token, 0, strlen(env_token));
+        free(env_token);
+    }
+    if (!c->token && c->token_file) {
+        cli_error("%s", err);
+        return EXIT_FAIL;
+    }
+    if (!c->token) {
         cli_error("no token: give --token-file FILE, or set TETHER_TOKEN_FILE or TETHER_TOKEN");
         return EXIT_USAGE;
     }
@@ -202,8 +206,11 @@ int cli_runtime_init(struct cli_runtime *rt, const struct wsctx_config *cfg_in)
     cfg.loop = &rt->loop;
     if (wsctx_create(&rt->ws, &cfg, err, sizeof(err)) < 0) {
         cli_error("%s", err);
-        if (rt->ws.ctx)
+        /* Teardown in PITFALLS.md's order: destroy, let the loop run, destroy again. */
+        if (rt->ws.ctx) {
             wsctx_stop(&rt->ws);
+            uv_run(&rt->loop, UV_RUN_DEFAULT);
+        }
         wsctx_finish(&rt->ws, &rt->loop);
         return -1;
     }

@@ -61,7 +61,9 @@ struct fwd_conn {
     bool fin_sent;     /* ... and we told the relay */
     bool fin_received; /* the relay has nothing more */
     bool tcp_closing;
+    bool tcp_closed; /* the handle is closed: c lives on only until the websocket ends */
     bool rx_paused;
+    bool rx_in_message;  /* a message from the relay has started and not ended */
     struct chunkq to_ws; /* read straight from the socket, sent from where it lies */
     size_t to_tcp;       /* bytes in uv_write requests */
 };
@@ -73,24 +75,33 @@ struct fwd_write {
     uint8_t data[];
 };
 
+/*
+ * A connection is freed once both its socket handle and its websocket are gone; whichever
+ * ends last frees it (here or in ws_closed).
+ */
 static void on_tcp_closed(uv_handle_t *h)
 {
     struct fwd_conn *c = h->data;
     c->f->active--;
+    c->tcp_closed = true;
     chunkq_free(&c->to_ws);
-    if (c->ws) {
-        /* The websocket outlives the socket only briefly: detach, it frees itself. */
+    if (c->ws)
         wsc_close(c->ws, LWS_CLOSE_STATUS_NORMAL, "local connection closed");
-    }
-    free(c);
+    else
+        free(c);
 }
 
-static void tcp_close(struct fwd_conn *c)
+/*
+ * Closes the local socket. reset: the stream ended abnormally, so the local app gets a
+ * connection reset rather than an end of file that would make a cut transfer look whole.
+ */
+static void tcp_close(struct fwd_conn *c, bool reset)
 {
     if (c->tcp_closing)
         return;
     c->tcp_closing = true;
-    uv_close((uv_handle_t *)&c->tcp, on_tcp_closed);
+    if (!reset || uv_tcp_close_reset(&c->tcp, on_tcp_closed) < 0)
+        uv_close((uv_handle_t *)&c->tcp, on_tcp_closed);
 }
 
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
@@ -127,7 +138,7 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
             wsc_want_write(c->ws);
         return;
     }
-    tcp_close(c);
+    tcp_close(c, true);
 }
 
 static void start_reading(struct fwd_conn *c)
@@ -159,7 +170,7 @@ static void maybe_shutdown_tcp(struct fwd_conn *c)
     uv_shutdown_t *req = malloc(sizeof(*req));
     if (!req || uv_shutdown(req, (uv_stream_t *)&c->tcp, on_shutdown) < 0) {
         free(req);
-        tcp_close(c);
+        tcp_close(c, true);
     }
 }
 
@@ -170,7 +181,7 @@ static void on_write(uv_write_t *req, int status)
     c->to_tcp -= w->len;
     free(w);
     if (status < 0) {
-        tcp_close(c);
+        tcp_close(c, true);
         return;
     }
     if (c->rx_paused && c->to_tcp < FWD_TO_TCP_MAX / 2 && c->ws) {
@@ -179,21 +190,22 @@ static void on_write(uv_write_t *req, int status)
     }
     maybe_shutdown_tcp(c);
     if (!c->ws && c->to_tcp == 0)
-        tcp_close(c);
+        tcp_close(c, false); /* the relay ended normally and our last bytes are out */
 }
 
 static void ws_receive(void *ud, struct wsc *ws, const uint8_t *data, size_t len, bool binary,
                        bool final)
 {
     struct fwd_conn *c = ud;
-    (void) final;
+    bool empty_message = len == 0 && final && !c->rx_in_message;
+    c->rx_in_message = !final;
     if (c->tcp_closing)
         return;
     if (!binary) {
         wsc_close(ws, LWS_CLOSE_STATUS_UNACCEPTABLE_OPCODE, "text message");
         return;
     }
-    if (len == 0) {
+    if (empty_message) { /* the relay's end of stream */
         c->fin_received = true;
         maybe_shutdown_tcp(c);
         return;
@@ -205,7 +217,7 @@ static void ws_receive(void *ud, struct wsc *ws, const uint8_t *data, size_t len
         if (n > 0)
             done = (size_t)n;
         else if (n < 0 && n != UV_EAGAIN) {
-            tcp_close(c);
+            tcp_close(c, true);
             return;
         }
     }
@@ -213,7 +225,7 @@ static void ws_receive(void *ud, struct wsc *ws, const uint8_t *data, size_t len
         return;
     struct fwd_write *w = malloc(sizeof(*w) + len - done);
     if (!w) {
-        tcp_close(c);
+        tcp_close(c, true);
         return;
     }
     w->c = c;
@@ -222,7 +234,7 @@ static void ws_receive(void *ud, struct wsc *ws, const uint8_t *data, size_t len
     uv_buf_t b = uv_buf_init((char *)w->data, (unsigned)w->len);
     if (uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_write) < 0) {
         free(w);
-        tcp_close(c);
+        tcp_close(c, true);
         return;
     }
     c->to_tcp += w->len;
@@ -261,7 +273,12 @@ static void ws_closed(void *ud, struct wsc *ws, int status, const char *reason)
     (void)ws;
     c->ws = NULL;
     c->ws_open = false;
-    if (status == 1000 || status == 1005) {
+    if (c->tcp_closed) { /* the local side went first; nothing left to tell anyone */
+        free(c);
+        return;
+    }
+    bool normal = status == 1000 || status == 1005;
+    if (normal) {
         log_debug("connection to port %d finished", f->remote_port);
     } else if (status == 503) {
         log_error("workspace %s is offline", f->workspace);
@@ -281,11 +298,11 @@ static void ws_closed(void *ud, struct wsc *ws, int status, const char *reason)
     if (c->tcp_closing)
         return;
     /* A normal end keeps the socket until our last bytes reached it; failures reset. */
-    if ((status == 1000 || status == 1005) && c->to_tcp > 0) {
+    if (normal && c->to_tcp > 0) {
         c->fin_received = true;
         return;
     }
-    tcp_close(c);
+    tcp_close(c, !normal);
 }
 
 static const struct wsc_events fwd_ws_events = {
@@ -295,6 +312,11 @@ static const struct wsc_events fwd_ws_events = {
     .closed = ws_closed,
 };
 
+static void free_handle(uv_handle_t *h)
+{
+    free(h);
+}
+
 static void on_connection(uv_stream_t *server, int status)
 {
     struct forward *f = server->data;
@@ -303,15 +325,23 @@ static void on_connection(uv_stream_t *server, int status)
         return;
     }
     struct fwd_conn *c = calloc(1, sizeof(*c));
-    if (!c)
+    if (!c) {
+        /* Accept and drop it: a pending connection left unaccepted stalls the listener. */
+        uv_tcp_t *t = malloc(sizeof(*t));
+        if (t && uv_tcp_init(&f->rt.loop, t) == 0 && uv_accept(server, (uv_stream_t *)t) == 0)
+            uv_close((uv_handle_t *)t, free_handle);
+        else
+            free(t);
+        log_error("out of memory: connection refused");
         return;
+    }
     c->f = f;
     uv_tcp_init(&f->rt.loop, &c->tcp);
     c->tcp.data = c;
     chunkq_init(&c->to_ws, WSC_PRE);
     f->active++;
     if (uv_accept(server, (uv_stream_t *)&c->tcp) < 0) {
-        tcp_close(c);
+        tcp_close(c, false);
         return;
     }
     uv_tcp_nodelay(&c->tcp, 1);
@@ -327,7 +357,7 @@ static void on_connection(uv_stream_t *server, int status)
     c->ws = wsc_connect(&p, &fwd_ws_events, c, err, sizeof(err));
     if (!c->ws) {
         log_error("cannot reach the relay: %s", err);
-        tcp_close(c);
+        tcp_close(c, true);
     }
 }
 

@@ -37,8 +37,12 @@ static void on_closed_handle(uv_handle_t *h)
     free(h->data);
 }
 
-/* Closes the socket and frees the object once libuv lets go of it. */
-static void portfwd_close(struct portfwd *p)
+/*
+ * Closes the socket and frees the object once libuv lets go of it. reset: the stream ended
+ * abnormally, so the target sees a connection reset, not an end of file that would make a
+ * cut transfer look complete.
+ */
+static void portfwd_close(struct portfwd *p, bool reset)
 {
     if (p->closing)
         return;
@@ -47,7 +51,8 @@ static void portfwd_close(struct portfwd *p)
         mux_stream_reset(p->mux, p->id, PROTO_CODE_CANCEL, "target connection closed");
         p->mux = NULL;
     }
-    uv_close((uv_handle_t *)&p->tcp, on_closed_handle);
+    if (!reset || uv_tcp_close_reset(&p->tcp, on_closed_handle) < 0)
+        uv_close((uv_handle_t *)&p->tcp, on_closed_handle);
 }
 
 /* Once the peer is done and our writes are out: pass the half-close to the target. */
@@ -56,7 +61,7 @@ static void on_shutdown(uv_shutdown_t *req, int status)
     struct portfwd *p = req->data;
     (void)status;
     if (!p->mux && !p->closing) /* the stream already ended: nothing more can come */
-        portfwd_close(p);
+        portfwd_close(p, false);
 }
 
 static void maybe_shutdown(struct portfwd *p)
@@ -66,7 +71,7 @@ static void maybe_shutdown(struct portfwd *p)
     p->shutdown_started = true;
     p->shutdown_req.data = p;
     if (uv_shutdown(&p->shutdown_req, (uv_stream_t *)&p->tcp, on_shutdown) < 0)
-        portfwd_close(p);
+        portfwd_close(p, true);
 }
 
 static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
@@ -107,7 +112,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         return;
     }
     log_debug("stream %u: target read failed: %s", p->id, uv_strerror((int)nread));
-    portfwd_close(p);
+    portfwd_close(p, true);
 }
 
 static void start_reading(struct portfwd *p)
@@ -143,21 +148,21 @@ static void on_connect(uv_connect_t *req, int status)
     if (p->closing)
         return;
     if (!p->mux) { /* the tunnel went away while dialing */
-        portfwd_close(p);
+        portfwd_close(p, true);
         return;
     }
     if (status < 0) {
         const char *text = status == UV_ECONNREFUSED ? "connection refused" : uv_strerror(status);
         mux_stream_reject(p->mux, p->id, code_for(status), text);
         p->mux = NULL;
-        portfwd_close(p);
+        portfwd_close(p, true);
         return;
     }
     p->connected = true;
     uv_tcp_nodelay(&p->tcp, 1);
     if (mux_stream_accept(p->mux, p->id, p) < 0) {
         p->mux = NULL;
-        portfwd_close(p);
+        portfwd_close(p, true);
         return;
     }
     start_reading(p);
@@ -172,7 +177,7 @@ static void on_write(uv_write_t *req, int status)
         mux_stream_consumed(p->mux, p->id, w->len);
     free(w);
     if (status < 0) {
-        portfwd_close(p);
+        portfwd_close(p, true);
         return;
     }
     maybe_shutdown(p);
@@ -191,7 +196,7 @@ static void pf_data(void *s, const uint8_t *data, size_t len)
         if (n > 0)
             done = (size_t)n;
         else if (n < 0 && n != UV_EAGAIN) {
-            portfwd_close(p);
+            portfwd_close(p, true);
             return;
         }
     }
@@ -202,7 +207,7 @@ static void pf_data(void *s, const uint8_t *data, size_t len)
     size_t rest = len - done;
     struct portfwd_write *w = malloc(sizeof(*w) + rest);
     if (!w) {
-        portfwd_close(p);
+        portfwd_close(p, true);
         return;
     }
     memcpy(w->data, data + done, rest);
@@ -211,7 +216,7 @@ static void pf_data(void *s, const uint8_t *data, size_t len)
     uv_buf_t b = uv_buf_init((char *)w->data, (unsigned)rest);
     if (uv_write(&w->req, (uv_stream_t *)&p->tcp, &b, 1, on_write) < 0) {
         free(w);
-        portfwd_close(p);
+        portfwd_close(p, true);
         return;
     }
     p->writes_pending += rest;
@@ -234,13 +239,13 @@ static void pf_closed(void *s, uint32_t code)
     struct portfwd *p = s;
     p->mux = NULL;
     if (code != 0 || !p->connected) {
-        portfwd_close(p);
+        portfwd_close(p, true);
         return;
     }
     /* Both ends finished: close once our last writes reached the target. */
     p->fin_from_peer = true;
     if (p->writes_pending == 0 && p->shutdown_started)
-        portfwd_close(p);
+        portfwd_close(p, false);
     else
         maybe_shutdown(p);
 }
@@ -295,6 +300,6 @@ void portfwd_open(struct portfwd_shared *sh, struct mux *m, uint32_t id, const s
                           rc == UV_EMFILE || rc == UV_ENFILE ? "agent is out of file descriptors"
                                                              : uv_strerror(rc));
         p->mux = NULL;
-        portfwd_close(p);
+        portfwd_close(p, true);
     }
 }

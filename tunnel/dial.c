@@ -8,6 +8,10 @@
 #include "log.h"
 #include "wsc.h"
 
+/* After the relay's GOAWAY, how long open streams may go on, and how often to check. */
+#define DIAL_DRAIN_MS 10000u
+#define DIAL_DRAIN_POLL_MS 250u
+
 enum dial_state { DIAL_IDLE, DIAL_CONNECTING, DIAL_CONNECTED, DIAL_WAITING, DIAL_STOPPING };
 
 struct dial {
@@ -24,7 +28,8 @@ struct dial {
     bool up;                /* peer HELLO received: `connected` was reported */
     bool close_after_flush; /* a GOAWAY is queued: close once the output is empty */
     uint64_t connected_at_ms;
-    unsigned attempt; /* failed attempts since the last stable connection */
+    uint64_t drain_deadline; /* after the relay's GOAWAY */
+    unsigned attempt;        /* failed attempts since the last stable connection */
     uv_timer_t retry_timer;
     uv_timer_t keepalive_timer;
     int open_handles;
@@ -101,13 +106,32 @@ static void t_hello(void *ud, const struct proto_hello *peer)
         d->ev->connected(d->ud, d->mux);
 }
 
+static void close_after_flush(struct dial *d)
+{
+    d->close_after_flush = true;
+    if (d->conn)
+        wsc_want_write(d->conn);
+}
+
+/* While draining after the relay's GOAWAY: close once no stream is left, or at the deadline. */
+static void on_drain(uv_timer_t *t)
+{
+    struct dial *d = t->data;
+    if (!d->mux || d->close_after_flush)
+        return;
+    if (mux_stream_count(d->mux) == 0 || uv_now(d->loop) >= d->drain_deadline)
+        close_after_flush(d);
+    else
+        uv_timer_start(&d->retry_timer, on_drain, DIAL_DRAIN_POLL_MS, 0);
+}
+
 static void t_goaway(void *ud, uint32_t code, const char *text, size_t n)
 {
     struct dial *d = ud;
     log_warn("relay sent GOAWAY: %s%s%.*s", proto_code_name(code), n ? ": " : "", (int)n, text);
-    d->close_after_flush = true;
-    if (d->conn)
-        wsc_want_write(d->conn);
+    /* Streams already open may finish (PROTOCOL.md 8); the retry timer is idle while up. */
+    d->drain_deadline = uv_now(d->loop) + DIAL_DRAIN_MS;
+    uv_timer_start(&d->retry_timer, on_drain, 0, 0);
 }
 
 static void t_want_write(void *ud)
@@ -180,7 +204,10 @@ static void on_keepalive(uv_timer_t *t)
 static void ws_established(void *ud, struct wsc *c)
 {
     struct dial *d = ud;
-    (void)c;
+    if (d->state == DIAL_STOPPING) { /* stopped while connecting: don't come up now */
+        wsc_close(c, LWS_CLOSE_STATUS_GOINGAWAY, "agent shutting down");
+        return;
+    }
     d->mux = mux_new(&d->cfg.mux, &d->mux_cb, d, uv_now(d->loop));
     if (!d->mux) {
         wsc_close(d->conn, LWS_CLOSE_STATUS_UNEXPECTED_CONDITION, "out of memory");

@@ -14,11 +14,13 @@
 
 /* How often the relay ticks every agent's keepalive. */
 #define RELAY_TICK_MS 500u
-/* Bytes a client may send beyond its stream's credit before reading from it pauses. */
-#define RELAY_CLIENT_CHUNK (64u * 1024)
 #define RELAY_MAX_WORKSPACES 100000u
 /* lws hands websocket payload to the relay in pieces of at most this many bytes. */
 #define RELAY_RX_BUFFER (64u * 1024)
+/* After GOAWAY, how long open streams may go on before the tunnel closes anyway. */
+#define RELAY_DRAIN_MS 10000u
+/* How long a closing tunnel may take to flush before its socket is dropped. */
+#define RELAY_CLOSE_WAIT_MS 5000u
 /* Close codes for client websockets: 4000 + an OPEN_FAIL/RST code (PROTOCOL.md). */
 #define RELAY_CLOSE_CODE_BASE 4000
 
@@ -57,8 +59,10 @@ struct relay_agent {
     struct lws *wsi;
     struct mux *mux;
     struct relay_workspace *ws;
-    bool current; /* ws->agent == this */
-    bool close_after_flush;
+    bool current;            /* ws->agent == this */
+    bool close_after_flush;  /* close once the output is out */
+    uint64_t drain_deadline; /* GOAWAY either way: streams may finish until then (0 = no) */
+    uint64_t close_deadline; /* close_after_flush was set: kill the socket after this */
     struct relay_client *clients;
     struct relay_agent *next; /* in relay->agents */
 };
@@ -87,6 +91,27 @@ void relay_config_default(struct relay_config *cfg)
     memset(cfg, 0, sizeof(*cfg));
     cfg->keepalive_idle_ms = MUX_KEEPALIVE_IDLE_MS;
     cfg->keepalive_timeout_ms = MUX_KEEPALIVE_TIMEOUT_MS;
+}
+
+/*
+ * Copies text from a peer into dst for logs, JSON and close reasons: printable ASCII only
+ * (anything else becomes '?'), so no forged log lines, and always valid UTF-8 however it
+ * is cut.
+ */
+static void copy_text(char *dst, size_t cap, const char *src, size_t len)
+{
+    size_t n = 0;
+    for (; src && n < len && n + 1 < cap; n++) {
+        unsigned char ch = (unsigned char)src[n];
+        dst[n] = (ch >= 0x20 && ch < 0x7f) ? (char)ch : '?';
+    }
+    dst[n] = '\0';
+}
+
+/* The close code for a client whose stream failed with code (PROTOCOL.md 14.5). */
+static int client_close_code(uint32_t code)
+{
+    return RELAY_CLOSE_CODE_BASE + (int)(code <= PROTO_CODE_MAX ? code : PROTO_CODE_INTERNAL);
 }
 
 static int64_t unix_ms(void)
@@ -500,12 +525,12 @@ static void a_open_result(void *ud, uint32_t id, void *sud, uint32_t code, const
         return;
     }
     char reason[124];
-    snprintf(reason, sizeof(reason), "%.*s", (int)(len ? len : 0), len ? text : "");
+    copy_text(reason, sizeof(reason), text, len);
     if (!reason[0])
         snprintf(reason, sizeof(reason), "%s", proto_code_name(code));
     c->stream = 0;
     client_detach(c);
-    client_close(c, RELAY_CLOSE_CODE_BASE + (int)code, reason);
+    client_close(c, client_close_code(code), reason);
 }
 
 static void a_stream_data(void *ud, uint32_t id, void *sud, const uint8_t *data, size_t len)
@@ -551,9 +576,8 @@ static void a_stream_closed(void *ud, uint32_t id, void *sud, uint32_t code, con
         return;
     }
     char reason[124];
-    snprintf(reason, sizeof(reason), "%.*s", (int)len, text);
-    client_close(c, RELAY_CLOSE_CODE_BASE + (int)(code <= PROTO_CODE_MAX ? code : 9),
-                 reason[0] ? reason : proto_code_name(code));
+    copy_text(reason, sizeof(reason), text, len);
+    client_close(c, client_close_code(code), reason[0] ? reason : proto_code_name(code));
 }
 
 static void a_control(void *ud, json_t *msg)
@@ -563,12 +587,21 @@ static void a_control(void *ud, json_t *msg)
     if (strcmp(type, "hello") != 0 || !a->current)
         return;
     struct relay_workspace *w = a->ws;
-    snprintf(w->agent_version, sizeof(w->agent_version), "%s",
-             json_string_value(json_object_get(msg, "version")));
-    snprintf(w->hostname, sizeof(w->hostname), "%s",
-             json_string_value(json_object_get(msg, "hostname")));
-    snprintf(w->os, sizeof(w->os), "%s", json_string_value(json_object_get(msg, "os")));
-    snprintf(w->arch, sizeof(w->arch), "%s", json_string_value(json_object_get(msg, "arch")));
+    /* proto_control_validate checked these are strings; they are still the agent's words. */
+    const struct {
+        const char *key;
+        char *dst;
+        size_t cap;
+    } fields[] = {
+        {"version", w->agent_version, sizeof(w->agent_version)},
+        {"hostname", w->hostname, sizeof(w->hostname)},
+        {"os", w->os, sizeof(w->os)},
+        {"arch", w->arch, sizeof(w->arch)},
+    };
+    for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++) {
+        json_t *v = json_object_get(msg, fields[i].key);
+        copy_text(fields[i].dst, fields[i].cap, json_string_value(v), json_string_length(v));
+    }
     log_info("workspace %s: agent %s on %s (%s/%s) connected", w->name, w->agent_version,
              w->hostname, w->os, w->arch);
     json_t *manifest = json_pack("{s:s, s:s}", "type", "manifest", "workspace", w->name);
@@ -582,13 +615,31 @@ static void a_hello(void *ud, const struct proto_hello *peer)
     (void)peer;
 }
 
+/* Closes the tunnel once the output is flushed; a peer that does not read gets killed. */
+static void agent_close_soon(struct relay_agent *a)
+{
+    if (a->close_after_flush)
+        return;
+    a->close_after_flush = true;
+    a->close_deadline = uv_now(a->relay->loop) + RELAY_CLOSE_WAIT_MS;
+    lws_callback_on_writable(a->wsi);
+}
+
+/* After GOAWAY (sent or received) open streams may finish, for a while (PROTOCOL.md 8). */
+static void agent_drain(struct relay_agent *a)
+{
+    if (!a->drain_deadline)
+        a->drain_deadline = uv_now(a->relay->loop) + RELAY_DRAIN_MS;
+    if (mux_stream_count(a->mux) == 0)
+        agent_close_soon(a);
+}
+
 static void a_goaway(void *ud, uint32_t code, const char *text, size_t len)
 {
     struct relay_agent *a = ud;
     log_info("workspace %s: agent sent GOAWAY: %s%s%.*s", a->ws->name, proto_code_name(code),
              len ? ": " : "", (int)len, text);
-    a->close_after_flush = true;
-    lws_callback_on_writable(a->wsi);
+    agent_drain(a);
 }
 
 static void a_want_write(void *ud)
@@ -620,8 +671,7 @@ static void agent_make_current(struct relay_agent *a)
         log_info("workspace %s: a new agent connection replaces the old one", w->name);
         old->current = false;
         mux_goaway(old->mux, PROTO_CODE_REPLACED, "another agent connected for this workspace");
-        old->close_after_flush = true;
-        lws_callback_on_writable(old->wsi);
+        agent_drain(old);
     }
     w->agent = a;
     a->current = true;
@@ -676,8 +726,7 @@ static void agent_receive(struct relay_agent *a, const uint8_t *in, size_t len, 
         if (!binary)
             mux_goaway(a->mux, PROTO_CODE_PROTOCOL, "text message on the tunnel");
         log_warn("workspace %s: agent broke the protocol; closing its tunnel", a->ws->name);
-        a->close_after_flush = true;
-        lws_callback_on_writable(a->wsi);
+        agent_close_soon(a);
     }
 }
 
@@ -719,8 +768,15 @@ static void on_tick(uv_timer_t *t)
     struct relay *r = t->data;
     uint64_t now = uv_now(r->loop);
     for (struct relay_agent *a = r->agents; a; a = a->next) {
-        if (a->close_after_flush)
+        if (a->close_after_flush) {
+            if (now >= a->close_deadline)
+                wsctx_kill(a->wsi); /* it never took our last bytes */
             continue;
+        }
+        if (a->drain_deadline && (mux_stream_count(a->mux) == 0 || now >= a->drain_deadline)) {
+            agent_close_soon(a);
+            continue;
+        }
         if (mux_tick(a->mux, now) == MUX_E_TIMEOUT) {
             log_warn("workspace %s: no traffic from the agent for %u ms; dropping it", a->ws->name,
                      r->cfg.keepalive_timeout_ms);
@@ -730,7 +786,7 @@ static void on_tick(uv_timer_t *t)
                 a->current = false;
             }
             /* A dead peer will not read a close frame: drop the socket now. */
-            lws_set_timeout(a->wsi, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_ASYNC);
+            wsctx_kill(a->wsi);
         }
     }
 }
@@ -853,8 +909,7 @@ void relay_stop(struct relay *r)
     r->stopping = true;
     for (struct relay_agent *a = r->agents; a; a = a->next) {
         mux_goaway(a->mux, PROTO_CODE_SHUTDOWN, "relay shutting down");
-        a->close_after_flush = true;
-        lws_callback_on_writable(a->wsi);
+        agent_close_soon(a);
     }
     uv_timer_stop(&r->tick);
     uv_close((uv_handle_t *)&r->tick, NULL);

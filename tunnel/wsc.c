@@ -14,6 +14,8 @@
 #define WSC_MAX_TOKEN 1024
 /* The relay's handshake response must fit in this, or the connection is refused. */
 #define WSC_MAX_RESPONSE 8192
+/* Seconds from TCP connect to the relay's 101 before the connection is dropped. */
+#define WSC_HANDSHAKE_TIMEOUT_S 10
 /* Random bytes drawn at once for masking keys: one getrandom per 64 frames. */
 #define WSC_MASK_POOL 256
 static const char ws_guid[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -242,7 +244,7 @@ void wsc_close(struct wsc *c, int code, const char *reason)
         lws_callback_on_writable(c->wsi); /* the close frame goes out from WRITEABLE */
     } else {
         c->state = WSC_CLOSING;
-        lws_set_timeout(c->wsi, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_ASYNC);
+        wsctx_kill(c->wsi);
     }
 }
 
@@ -252,7 +254,7 @@ void wsc_abort(struct wsc *c, const char *reason)
     c->status = 0;
     struct lws *wsi = c->wsi;
     /* lws would wait for the dead peer's FIN before reporting the close: don't wait. */
-    lws_set_timeout(wsi, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_ASYNC);
+    wsctx_kill(wsi);
     finish(c, wsi);
 }
 
@@ -435,6 +437,7 @@ static int handshake_rx(struct wsc *c, const uint8_t *in, size_t len)
     free(c->response);
     c->response = NULL;
     c->state = WSC_OPEN;
+    lws_set_timeout(c->wsi, NO_PENDING_TIMEOUT, 0);
     c->ev->established(c->ud, c);
     size_t used = header_len - old; /* bytes of this chunk that were handshake */
     if (c->state == WSC_OPEN && used < len)
@@ -509,7 +512,11 @@ int wsc_lws_callback(struct lws *wsi, enum lws_callback_reasons reason, void *us
     switch (reason) {
     /* ---- websockets, framed by us over a raw connection ---- */
     case LWS_CALLBACK_RAW_CONNECTED:
+        if (c->state == WSC_CLOSING)
+            return -1; /* closed while the connect was pending */
         c->state = WSC_SEND_REQUEST;
+        /* A relay (or proxy) that takes the connection but never answers the upgrade. */
+        lws_set_timeout(wsi, PENDING_TIMEOUT_AWAITING_SERVER_RESPONSE, WSC_HANDSHAKE_TIMEOUT_S);
         lws_callback_on_writable(wsi);
         return 0;
     case LWS_CALLBACK_RAW_RX:
@@ -527,6 +534,8 @@ int wsc_lws_callback(struct lws *wsi, enum lws_callback_reasons reason, void *us
 
     /* ---- wss://, framed by lws's websocket client ---- */
     case LWS_CALLBACK_CLIENT_ESTABLISHED:
+        if (c->state == WSC_CLOSING)
+            return -1; /* closed while the handshake was under way */
         c->state = WSC_OPEN;
         c->ev->established(c->ud, c);
         return 0;

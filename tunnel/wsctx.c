@@ -135,3 +135,9 @@ void wsctx_close_ws(struct lws *wsi, int code, const char *reason)
     lws_write(wsi, frame + LWS_PRE, n + 2, (enum lws_write_protocol)WSCTX_WRITE_CLOSE);
     lws_set_timeout(wsi, PENDING_TIMEOUT_CLOSE_ACK, WSCTX_CLOSE_WAIT_S);
 }
+
+void wsctx_kill(struct lws *wsi)
+{
+    lws_set_timeout(wsi, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_ASYNC);
+    lws_cancel_service(lws_get_context(wsi));
+}

@@ -46,6 +46,14 @@ struct wsctx {
 #define WSCTX_CLOSE_WAIT_S 2
 void wsctx_close_ws(struct lws *wsi, int code, const char *reason);
 
+/*
+ * Drops a connection as soon as possible, from anywhere (a uv callback included). lws 4.1
+ * on libuv re-arms its timer only after it services an event, so a kill scheduled from
+ * outside lws would wait for some unrelated timer (measured: 20-30 s); waking the service
+ * makes it immediate.
+ */
+void wsctx_kill(struct lws *wsi);
+
 /* The size of lws's per-thread read buffer: the most one socket read returns. */
 #define WSCTX_READ_BUF (256u * 1024)
 
