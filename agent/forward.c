@@ -13,6 +13,7 @@
 #include <string.h>
 
 #include "cli.h"
+#include "tcpreset.h"
 #include "commands.h"
 #include "proto/proto.h"
 #include "tunnel/chunkq.h"
@@ -132,7 +133,7 @@ static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
         return;
     uv_read_stop(s);
     c->reading = false;
-    if (n == UV_EOF) {
+    if (n == UV_EOF && !tcp_was_reset(&c->tcp)) {
         c->tcp_eof = true;
         if (c->ws_open)
             wsc_want_write(c->ws);

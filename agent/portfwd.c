@@ -4,6 +4,7 @@
 #include <string.h>
 
 #include "stream.h"
+#include "tcpreset.h"
 #include "tunnel/log.h"
 
 struct portfwd {
@@ -105,7 +106,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     p->reading = false;
     if (nread == UV_ENOBUFS)
         return; /* no credit: stream_writable restarts reading */
-    if (nread == UV_EOF) {
+    if (nread == UV_EOF && !tcp_was_reset(&p->tcp)) {
         p->eof_from_target = true;
         if (p->mux)
             mux_stream_shutdown(p->mux, p->id);
