@@ -135,7 +135,7 @@ int cmd_relay(int argc, char **argv)
         relay_free(run.relay);
         return EXIT_FAIL;
     }
-    relay_start(run.relay, &run.rt.ws);
+    relay_start(run.relay);
     log_info("relay listening on %s://%s%s%s:%d", cert ? "wss" : "ws", strchr(host, ':') ? "[" : "",
              host, strchr(host, ':') ? "]" : "", wsctx_listen_port(&run.rt.ws));
     uv_run(&run.rt.loop, UV_RUN_DEFAULT);

@@ -199,7 +199,7 @@ static int demo_run(struct demo *d, const char *listen, const char *name)
         relay_free(d->relay);
         return EXIT_FAIL;
     }
-    relay_start(d->relay, &d->rt.ws);
+    relay_start(d->relay);
     snprintf(url, sizeof(url), "ws://%s%s%s:%d", strchr(host, ':') ? "[" : "", host,
              strchr(host, ':') ? "]" : "", wsctx_listen_port(&d->rt.ws));
 

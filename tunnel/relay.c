@@ -41,7 +41,6 @@ struct relay_client {
     struct lws *wsi;
     struct relay_agent *agent; /* NULL once the agent or the stream is gone */
     uint32_t stream;           /* 0 once the stream ended */
-    bool open;                 /* OPEN_OK arrived */
     bool fin_from_client;      /* the client sent its end-of-stream message */
     bool fin_from_agent;
     bool fin_to_client_sent;
@@ -80,9 +79,7 @@ struct relay {
     struct relay_workspace *workspaces;
     size_t nworkspaces;
     struct relay_agent *agents;
-    struct wsctx *ws;
     uv_timer_t tick;
-    bool stopping;
     uint8_t *out; /* LWS_PRE + MUX_OUTPUT_MIN: shared, since lws keeps what it cannot send */
 };
 
@@ -520,10 +517,8 @@ static void a_open_result(void *ud, uint32_t id, void *sud, uint32_t code, const
     struct relay_client *c = sud;
     (void)ud;
     (void)id;
-    if (code == 0) {
-        c->open = true;
-        return;
-    }
+    if (code == 0)
+        return; /* OPEN_OK: bytes already queued go out now */
     char reason[124];
     copy_text(reason, sizeof(reason), text, len);
     if (!reason[0])
@@ -896,9 +891,8 @@ fail:
     return NULL;
 }
 
-void relay_start(struct relay *r, struct wsctx *ws)
+void relay_start(struct relay *r)
 {
-    r->ws = ws;
     uv_timer_init(r->loop, &r->tick);
     r->tick.data = r;
     uv_timer_start(&r->tick, on_tick, RELAY_TICK_MS, RELAY_TICK_MS);
@@ -906,7 +900,6 @@ void relay_start(struct relay *r, struct wsctx *ws)
 
 void relay_stop(struct relay *r)
 {
-    r->stopping = true;
     for (struct relay_agent *a = r->agents; a; a = a->next) {
         mux_goaway(a->mux, PROTO_CODE_SHUTDOWN, "relay shutting down");
         agent_close_soon(a);

@@ -32,7 +32,7 @@ struct relay *relay_new(uv_loop_t *loop, const struct relay_config *cfg, char *e
 /* The protocol table for wsctx_server.protocols; pass the relay as wsctx_server.user. */
 const struct lws_protocols *relay_protocols(void);
 /* Starts the relay's timers once the context exists. */
-void relay_start(struct relay *r, struct wsctx *ws);
+void relay_start(struct relay *r);
 /* Sends every agent GOAWAY and stops the timers; call before wsctx_stop. */
 void relay_stop(struct relay *r);
 /* Frees the relay; call after wsctx_finish (lws callbacks use it until then). */

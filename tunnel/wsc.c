@@ -264,11 +264,6 @@ void wsc_confirm_alive(struct wsc *c)
         lws_validity_confirmed(c->wsi);
 }
 
-int wsc_http_status(const struct wsc *c)
-{
-    return c->status;
-}
-
 /* Reports the end exactly once, detaches from the wsi, and frees. */
 static void finish(struct wsc *c, struct lws *wsi)
 {

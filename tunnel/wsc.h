@@ -21,7 +21,7 @@
 struct wsc;
 
 struct wsc_events {
-    /* The websocket is open (or the HTTP response's status line arrived: wsc_http_status). */
+    /* The websocket is open (or an HTTP GET's response status line arrived). */
     void (*established)(void *ud, struct wsc *c);
     /* A piece of a received message (binary or text), or of the HTTP body. */
     void (*receive)(void *ud, struct wsc *c, const uint8_t *data, size_t len, bool binary,
@@ -72,7 +72,6 @@ void wsc_close(struct wsc *c, int code, const char *reason);
  * the socket down in the background.
  */
 void wsc_abort(struct wsc *c, const char *reason);
-int wsc_http_status(const struct wsc *c);
 /* The peer is alive (a frame of ours arrived): resets lws's own idle timers. */
 void wsc_confirm_alive(struct wsc *c);
 
