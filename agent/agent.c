@@ -14,6 +14,7 @@
 struct agent {
     uv_loop_t *loop;
     struct dial *dial;
+    struct sshd *sshd;
     struct portfwd_shared pf;
     void (*done)(void *);
     void *done_arg;
@@ -28,6 +29,12 @@ static void on_stream_opened(void *ud, uint32_t id, const struct proto_open *o)
     switch (o->kind) {
     case PROTO_KIND_TCP:
         portfwd_open(&a->pf, m, id, o);
+        break;
+    case PROTO_KIND_SSH:
+        if (a->sshd)
+            sshd_serve_stream(a->sshd, &a->pf, m, id);
+        else
+            mux_stream_reject(m, id, PROTO_CODE_UNSUPPORTED, "this agent serves no SSH");
         break;
     default:
         mux_stream_reject(m, id, PROTO_CODE_UNSUPPORTED, "stream kind not served");
@@ -77,6 +84,8 @@ static void on_control(void *ud, json_t *msg)
     const char *type = json_string_value(json_object_get(msg, "type"));
     if (strcmp(type, "manifest") == 0) {
         log_info("serving workspace %s", json_string_value(json_object_get(msg, "workspace")));
+        if (a->sshd)
+            sshd_set_env(a->sshd, json_object_get(msg, "env"));
     } else if (strcmp(type, "shutdown") == 0) {
         const char *why = json_string_value(json_object_get(msg, "reason"));
         log_info("the relay asks for shutdown%s%s", why ? ": " : "", why ? why : "");
@@ -98,6 +107,8 @@ static void on_connected(void *ud, struct mux *m)
         json_pack("{s:s, s:s, s:s, s:s, s:s, s:[s]}", "type", "hello", "version", TETHER_VERSION,
                   "os", "linux", "arch", u.machine[0] ? u.machine : "unknown", "hostname", host,
                   "capabilities", "tcp");
+    if (hello && a->sshd)
+        json_array_append_new(json_object_get(hello, "capabilities"), json_string("ssh"));
     if (hello)
         dial_send_control(a->dial, hello);
     json_decref(hello);
@@ -123,12 +134,13 @@ static const struct dial_events agent_dial_events = {
     .disconnected = on_disconnected,
 };
 
-struct agent *agent_new(uv_loop_t *loop, const struct dial_config *cfg,
+struct agent *agent_new(uv_loop_t *loop, const struct dial_config *cfg, struct sshd *sshd,
                         void (*on_shutdown)(void *arg), void *arg)
 {
     struct agent *a = calloc(1, sizeof(*a));
     if (!a)
         return NULL;
+    a->sshd = sshd;
     a->on_shutdown = on_shutdown;
     a->shutdown_arg = arg;
     a->loop = loop;
@@ -147,7 +159,7 @@ void agent_start(struct agent *a)
     dial_start(a->dial);
 }
 
-static void on_dial_stopped(void *arg)
+static void on_sshd_freed(void *arg)
 {
     struct agent *a = arg;
     void (*done)(void *) = a->done;
@@ -155,6 +167,15 @@ static void on_dial_stopped(void *arg)
     free(a);
     if (done)
         done(done_arg);
+}
+
+static void on_dial_stopped(void *arg)
+{
+    struct agent *a = arg;
+    if (a->sshd)
+        sshd_free(a->sshd, on_sshd_freed, a);
+    else
+        on_sshd_freed(a);
 }
 
 void agent_stop(struct agent *a, void (*done)(void *arg), void *arg)

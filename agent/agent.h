@@ -1,12 +1,13 @@
 /*
  * agent: the workspace agent daemon. Dials the relay (tunnel/dial), introduces itself with
- * a hello, and serves the streams the relay opens: tcp now; ssh and pty in later versions.
+ * a hello, and serves the streams the relay opens: tcp forwards and ssh; pty later.
  */
 #ifndef TETHER_AGENT_H
 #define TETHER_AGENT_H
 
 #include <uv.h>
 
+#include "sshd.h"
 #include "tunnel/dial.h"
 #include "tunnel/wsctx.h"
 
@@ -17,7 +18,8 @@ struct agent;
  * called when the relay asks the agent to shut down (control message "shutdown"): the
  * caller stops the agent and does not reconnect.
  */
-struct agent *agent_new(uv_loop_t *loop, const struct dial_config *cfg,
+/* sshd may be NULL (ssh streams are then refused); the agent frees it when it stops. */
+struct agent *agent_new(uv_loop_t *loop, const struct dial_config *cfg, struct sshd *sshd,
                         void (*on_shutdown)(void *arg), void *arg);
 void agent_start(struct agent *a);
 /* Says goodbye to the relay, closes every stream, frees the agent, then calls done. */

@@ -1,6 +1,8 @@
 #include "cli.h"
 
 #include <getopt.h>
+#include <pwd.h>
+#include <unistd.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -239,4 +241,19 @@ void cli_runtime_finish(struct cli_runtime *rt)
         uv_run(&rt->loop, UV_RUN_DEFAULT);
         uv_loop_close(&rt->loop);
     }
+}
+
+int cli_default_state_dir(char *buf, size_t len)
+{
+    const char *xdg = getenv("XDG_STATE_HOME");
+    if (xdg && xdg[0] == '/')
+        return snprintf(buf, len, "%s/tether", xdg) < (int)len ? 0 : -1;
+    const char *home = getenv("HOME");
+    if (!home || home[0] != '/') {
+        struct passwd *pw = getpwuid(getuid());
+        home = pw ? pw->pw_dir : NULL;
+    }
+    if (!home || home[0] != '/')
+        return -1;
+    return snprintf(buf, len, "%s/.local/state/tether", home) < (int)len ? 0 : -1;
 }

@@ -70,6 +70,9 @@ int cli_duration_ms(const char *text, uint64_t *ms);
 /* Parses "HOST:PORT" or "[V6]:PORT" into host (numeric or a name) and port. */
 int cli_hostport(const char *text, char *host, size_t hostlen, int *port);
 
+/* The agent's state directory: $XDG_STATE_HOME/tether, else ~/.local/state/tether. */
+int cli_default_state_dir(char *buf, size_t len);
+
 /* Options every command that talks to a relay accepts. */
 struct cli_client {
     const char *url_text;

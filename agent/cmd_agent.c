@@ -19,6 +19,10 @@ static const char agent_usage[] =
     "                             the file must not be readable by group or others\n"
     "  --ca-file FILE             trust these CAs for wss:// instead of the system's\n"
     "  --insecure                 do not check the relay's certificate (development only)\n"
+    "  --state-dir DIR            where the SSH host key is kept (default\n"
+    "                             $XDG_STATE_HOME/tether, else ~/.local/state/tether)\n"
+    "  --sftp-server PATH         run this SFTP server for the sftp subsystem instead of\n"
+    "                             the built-in one\n"
     "  --keepalive-idle DURATION  ping the relay after this much silence (default 15s)\n"
     "  --keepalive-timeout DURATION  reconnect after this much silence (default 45s)\n"
     "  --log-level LEVEL          error, warn, info (default) or debug\n"
@@ -59,7 +63,13 @@ static void on_relay_shutdown(void *arg)
 
 int cmd_agent(int argc, char **argv)
 {
-    static const struct option opts[] = {CLI_OPTS_CLIENT, CLI_OPTS_KEEPALIVE, CLI_OPTS_END};
+    static const struct option opts[] = {{"state-dir", required_argument, NULL, 'S'},
+                                         {"sftp-server", required_argument, NULL, 'F'},
+                                         CLI_OPTS_CLIENT,
+                                         CLI_OPTS_KEEPALIVE,
+                                         CLI_OPTS_END};
+    struct sshd_config sc = {0};
+    char state_dir[4096];
     struct cli_client cc;
     memset(&cc, 0, sizeof(cc));
     struct dial_config dc;
@@ -73,6 +83,18 @@ int cmd_agent(int argc, char **argv)
     };
     int c;
     while ((c = cli_getopt(argc, argv, opts)) != -1) {
+        if (c == 'S') {
+            sc.state_dir = optarg;
+            continue;
+        }
+        if (c == 'F') {
+            if (optarg[0] != '/') {
+                cli_error("--sftp-server needs an absolute path");
+                return EXIT_USAGE;
+            }
+            sc.sftp_server = optarg;
+            continue;
+        }
         int rc = cli_shared_option(&sh, c, argv);
         if (rc != CLI_NEXT)
             return rc;
@@ -84,6 +106,13 @@ int cmd_agent(int argc, char **argv)
     if (dc.mux.keepalive_idle_ms >= dc.mux.keepalive_timeout_ms) {
         cli_error("--keepalive-idle must be shorter than --keepalive-timeout");
         return EXIT_USAGE;
+    }
+    if (!sc.state_dir) {
+        if (cli_default_state_dir(state_dir, sizeof(state_dir)) < 0) {
+            cli_error("no home directory for the state directory: give --state-dir");
+            return EXIT_USAGE;
+        }
+        sc.state_dir = state_dir;
     }
     int rc = cli_client_resolve(&cc);
     if (rc != EXIT_OK) {
@@ -103,8 +132,19 @@ int cmd_agent(int argc, char **argv)
     dc.url = cc.url;
     dc.token = cc.token;
     dc.insecure = cc.insecure;
-    run.agent = agent_new(&run.rt.loop, &dc, on_relay_shutdown, &run);
+    char err[512];
+    struct sshd *sshd = sshd_new(&run.rt.loop, &sc, err, sizeof(err));
+    if (!sshd) {
+        cli_error("%s", err);
+        cli_runtime_stop(&run.rt);
+        uv_run(&run.rt.loop, UV_RUN_DEFAULT);
+        cli_runtime_finish(&run.rt);
+        cli_client_free(&cc);
+        return EXIT_FAIL;
+    }
+    run.agent = agent_new(&run.rt.loop, &dc, sshd, on_relay_shutdown, &run);
     if (!run.agent) {
+        sshd_free(sshd, NULL, NULL);
         cli_error("out of memory");
         cli_runtime_stop(&run.rt);
         cli_runtime_finish(&run.rt);

@@ -37,6 +37,8 @@ struct demo {
     struct cli_runtime rt;
     struct relay *relay;
     struct agent *agent;
+    struct sshd_config ssh;
+    char cwd[1024];
     uv_timer_t grace;
     char dir[256];
     char tokens_path[300];
@@ -161,7 +163,10 @@ static void print_instructions(struct demo *d, const char *name, const char *url
     printf("  %s status  --url %s --token-file %s\n", cmd, url, d->user_token_path);
     printf("  %s forward --url %s --token-file %s %s 8080:8080\n", cmd, url, d->user_token_path,
            name);
-    printf("    (then connections to 127.0.0.1:8080 reach port 8080 in the workspace)\n\n");
+    printf("    (then connections to 127.0.0.1:8080 reach port 8080 in the workspace)\n");
+    printf("  ssh -o ProxyCommand='%s ssh-proxy --url %s --token-file %s %s' \\\n"
+           "      -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null tether.%s\n\n",
+           cmd, url, d->user_token_path, name, name);
     printf("Ctrl-C stops the demo.\n");
     fflush(stdout);
 }
@@ -207,8 +212,16 @@ static int demo_run(struct demo *d, const char *listen, const char *name)
     dial_config_default(&dc);
     dc.ws = &d->rt.ws;
     dc.token = d->agent_token;
+    /* The demo's sessions start in the current directory; its host key is temporary. */
+    d->ssh.state_dir = d->dir;
+    d->ssh.workdir = getcwd(d->cwd, sizeof(d->cwd)) ? d->cwd : NULL;
+    struct sshd *sshd = sshd_new(&d->rt.loop, &d->ssh, err, sizeof(err));
+    if (!sshd)
+        log_warn("SSH is off: %s", err);
     if (url_parse(url, &dc.url, err, sizeof(err)) < 0 ||
-        !(d->agent = agent_new(&d->rt.loop, &dc, NULL, NULL))) {
+        !(d->agent = agent_new(&d->rt.loop, &dc, sshd, NULL, NULL))) {
+        if (sshd)
+            sshd_free(sshd, NULL, NULL);
         cli_error("cannot start the agent");
         relay_stop(d->relay);
         cli_runtime_stop(&d->rt);

@@ -2,6 +2,7 @@
 
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 #include "stream.h"
 #include "tcpreset.h"
@@ -12,7 +13,13 @@ struct portfwd {
     struct portfwd_shared *sh;
     struct mux *mux; /* NULL once the stream is gone */
     uint32_t id;
-    uv_tcp_t tcp;
+    union {
+        uv_handle_t handle;
+        uv_stream_t stream;
+        uv_tcp_t tcp;   /* a forward: the connection to the target */
+        uv_pipe_t pipe; /* an attached descriptor (the agent's end of an SSH socketpair) */
+    } h;
+    bool is_pipe;
     uv_connect_t connect_req;
     uv_shutdown_t shutdown_req;
     bool connected;
@@ -52,8 +59,8 @@ static void portfwd_close(struct portfwd *p, bool reset)
         mux_stream_reset(p->mux, p->id, PROTO_CODE_CANCEL, "target connection closed");
         p->mux = NULL;
     }
-    if (!reset || uv_tcp_close_reset(&p->tcp, on_closed_handle) < 0)
-        uv_close((uv_handle_t *)&p->tcp, on_closed_handle);
+    if (!reset || p->is_pipe || uv_tcp_close_reset(&p->h.tcp, on_closed_handle) < 0)
+        uv_close(&p->h.handle, on_closed_handle);
 }
 
 /* Once the peer is done and our writes are out: pass the half-close to the target. */
@@ -71,7 +78,7 @@ static void maybe_shutdown(struct portfwd *p)
         return;
     p->shutdown_started = true;
     p->shutdown_req.data = p;
-    if (uv_shutdown(&p->shutdown_req, (uv_stream_t *)&p->tcp, on_shutdown) < 0)
+    if (uv_shutdown(&p->shutdown_req, &p->h.stream, on_shutdown) < 0)
         portfwd_close(p, true);
 }
 
@@ -106,7 +113,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     p->reading = false;
     if (nread == UV_ENOBUFS)
         return; /* no credit: stream_writable restarts reading */
-    if (nread == UV_EOF && !tcp_was_reset(&p->tcp)) {
+    if (nread == UV_EOF && (p->is_pipe || !tcp_was_reset(&p->h.tcp))) {
         p->eof_from_target = true;
         if (p->mux)
             mux_stream_shutdown(p->mux, p->id);
@@ -122,7 +129,7 @@ static void start_reading(struct portfwd *p)
         return;
     if (mux_stream_room(p->mux, p->id) == 0)
         return;
-    if (uv_read_start((uv_stream_t *)&p->tcp, on_alloc, on_read) == 0)
+    if (uv_read_start(&p->h.stream, on_alloc, on_read) == 0)
         p->reading = true;
 }
 
@@ -160,7 +167,7 @@ static void on_connect(uv_connect_t *req, int status)
         return;
     }
     p->connected = true;
-    uv_tcp_nodelay(&p->tcp, 1);
+    uv_tcp_nodelay(&p->h.tcp, 1);
     if (mux_stream_accept(p->mux, p->id, p) < 0) {
         p->mux = NULL;
         portfwd_close(p, true);
@@ -193,7 +200,7 @@ static void pf_data(void *s, const uint8_t *data, size_t len)
     /* Try the socket first: most writes complete at once and need no copy. */
     if (p->writes_pending == 0) {
         uv_buf_t b = uv_buf_init((char *)data, (unsigned)len);
-        int n = uv_try_write((uv_stream_t *)&p->tcp, &b, 1);
+        int n = uv_try_write(&p->h.stream, &b, 1);
         if (n > 0)
             done = (size_t)n;
         else if (n < 0 && n != UV_EAGAIN) {
@@ -215,7 +222,7 @@ static void pf_data(void *s, const uint8_t *data, size_t len)
     w->p = p;
     w->len = rest;
     uv_buf_t b = uv_buf_init((char *)w->data, (unsigned)rest);
-    if (uv_write(&w->req, (uv_stream_t *)&p->tcp, &b, 1, on_write) < 0) {
+    if (uv_write(&w->req, &p->h.stream, &b, 1, on_write) < 0) {
         free(w);
         portfwd_close(p, true);
         return;
@@ -285,16 +292,16 @@ void portfwd_open(struct portfwd_shared *sh, struct mux *m, uint32_t id, const s
     p->sh = sh;
     p->mux = m;
     p->id = id;
-    int rc = uv_tcp_init(sh->loop, &p->tcp);
+    int rc = uv_tcp_init(sh->loop, &p->h.tcp);
     if (rc < 0) {
         free(p);
         mux_stream_reject(m, id, PROTO_CODE_INTERNAL, uv_strerror(rc));
         return;
     }
-    p->tcp.data = p;
+    p->h.tcp.data = p;
     p->connect_req.data = p;
     mux_stream_set_user(m, id, p);
-    rc = uv_tcp_connect(&p->connect_req, &p->tcp, (struct sockaddr *)&sa, on_connect);
+    rc = uv_tcp_connect(&p->connect_req, &p->h.tcp, (struct sockaddr *)&sa, on_connect);
     if (rc < 0) {
         /* EMFILE and friends arrive here: refuse this stream clearly, keep the others. */
         mux_stream_reject(m, id, code_for(rc),
@@ -303,4 +310,34 @@ void portfwd_open(struct portfwd_shared *sh, struct mux *m, uint32_t id, const s
         p->mux = NULL;
         portfwd_close(p, true);
     }
+}
+
+int portfwd_attach_fd(struct portfwd_shared *sh, struct mux *m, uint32_t id, int fd)
+{
+    struct portfwd *p = calloc(1, sizeof(*p));
+    int rc = p ? uv_pipe_init(sh->loop, &p->h.pipe, 0) : UV_ENOMEM;
+    if (rc < 0) {
+        free(p);
+        close(fd);
+        return rc;
+    }
+    p->base.ops = &portfwd_ops;
+    p->sh = sh;
+    p->id = id;
+    p->is_pipe = true;
+    p->h.pipe.data = p;
+    rc = uv_pipe_open(&p->h.pipe, fd);
+    if (rc < 0)
+        close(fd); /* the handle owns fd only once uv_pipe_open succeeded */
+    else if (mux_stream_accept(m, id, p) < 0)
+        rc = UV_ECANCELED;
+    if (rc < 0) {
+        p->closing = true;
+        uv_close(&p->h.handle, on_closed_handle);
+        return rc;
+    }
+    p->mux = m;
+    p->connected = true;
+    start_reading(p);
+    return 0;
 }

@@ -30,4 +30,11 @@ struct portfwd_shared {
 void portfwd_open(struct portfwd_shared *sh, struct mux *m, uint32_t id,
                   const struct proto_open *o);
 
+/*
+ * Accepts stream id at once and joins it to the stream socket fd (the agent's end of a
+ * socketpair), exactly as a forward joins its target. fd belongs to the stream from this
+ * call on, also when it fails (a negative UV error): then the caller rejects the stream.
+ */
+int portfwd_attach_fd(struct portfwd_shared *sh, struct mux *m, uint32_t id, int fd);
+
 #endif

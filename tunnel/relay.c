@@ -228,7 +228,8 @@ static int http_error(struct lws *wsi, unsigned status, const char *msg)
 
 /* ---- routes ---- */
 
-enum route_kind { ROUTE_NONE, ROUTE_LIST, ROUTE_ONE, ROUTE_AGENT, ROUTE_TCP };
+/* ROUTE_TCP and ROUTE_SSH are client byte pipes: one websocket = one tunnel stream. */
+enum route_kind { ROUTE_NONE, ROUTE_LIST, ROUTE_ONE, ROUTE_AGENT, ROUTE_TCP, ROUTE_SSH };
 struct route {
     enum route_kind kind;
     char name[TOKENS_MAX_NAME + 1];
@@ -260,6 +261,10 @@ static void parse_route(const char *uri, struct route *rt)
     const char *rest = name + nl;
     if (*rest == '\0') {
         rt->kind = ROUTE_ONE;
+        return;
+    }
+    if (strcmp(rest, "/ssh") == 0) {
+        rt->kind = ROUTE_SSH;
         return;
     }
     if (strncmp(rest, "/tcp/", 5) == 0) {
@@ -336,7 +341,7 @@ static int confirm_upgrade(struct relay *r, struct lws *wsi)
             return refuse_upgrade(wsi, 401, "unauthorized");
         return 0;
     }
-    if (rt.kind != ROUTE_TCP)
+    if (rt.kind != ROUTE_TCP && rt.kind != ROUTE_SSH)
         return refuse_upgrade(wsi, 404, "not found");
     if (!tokens_user_valid(r->tokens, token))
         return refuse_upgrade(wsi, 401, "unauthorized");
@@ -400,7 +405,7 @@ static int client_established(struct relay *r, struct lws *wsi, struct relay_pss
     get_uri(wsi, uri, sizeof(uri));
     parse_route(uri, &rt);
     struct relay_workspace *w = workspace_find(r, rt.name);
-    if (rt.kind != ROUTE_TCP || !w || !w->agent)
+    if ((rt.kind != ROUTE_TCP && rt.kind != ROUTE_SSH) || !w || !w->agent)
         return -1; /* confirm_upgrade checked; the agent may have left since */
     struct relay_client *c = calloc(1, sizeof(*c));
     if (!c)
@@ -409,8 +414,12 @@ static int client_established(struct relay *r, struct lws *wsi, struct relay_pss
     chunkq_init(&c->to_client, LWS_PRE);
     pss->kind = PSS_CLIENT;
     pss->obj = c;
-    struct proto_open o = {.kind = PROTO_KIND_TCP, .port = (uint16_t)rt.port};
-    snprintf(o.host, sizeof(o.host), "127.0.0.1");
+    struct proto_open o = {.kind = PROTO_KIND_SSH};
+    if (rt.kind == ROUTE_TCP) {
+        o.kind = PROTO_KIND_TCP;
+        o.port = (uint16_t)rt.port;
+        snprintf(o.host, sizeof(o.host), "127.0.0.1");
+    }
     struct relay_agent *a = w->agent;
     int rc = mux_stream_open(a->mux, &o, c, &c->stream);
     if (rc < 0) {
@@ -423,7 +432,10 @@ static int client_established(struct relay *r, struct lws *wsi, struct relay_pss
     c->agent = a;
     c->next = a->clients;
     a->clients = c;
-    log_debug("client stream %u to %s port %d", c->stream, w->name, rt.port);
+    if (rt.kind == ROUTE_TCP)
+        log_debug("client stream %u to %s port %d", c->stream, w->name, rt.port);
+    else
+        log_debug("client stream %u to %s ssh", c->stream, w->name);
     return 0;
 }
 

@@ -1,0 +1,65 @@
+/*
+ * sshd: the agent's SSH server, on libssh in server mode, driven non-blocking from the
+ * libuv loop.
+ *
+ * Each tunnel stream of kind ssh becomes one SSH connection: a socketpair joins the stream
+ * (pumped by portfwd, like a TCP forward) to a libssh session. The relay authenticated the
+ * user who opened the stream, so these sessions accept the SSH "none" method and nothing
+ * else is asked. Session channels run shells, commands and subsystems (sftp) as children of
+ * the agent, on pipes or on a PTY.
+ *
+ * The host key (ed25519) is created once in the state directory, so known_hosts entries
+ * stay valid across restarts.
+ */
+#ifndef TETHER_SSHD_H
+#define TETHER_SSHD_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include <jansson.h>
+#include <uv.h>
+
+#include "portfwd.h"
+#include "tunnel/mux.h"
+
+/* Counted per type for the activity statistics. */
+enum sshd_session_type { SSHD_TYPE_SSH, SSHD_TYPE_VSCODE, SSHD_TYPE_JETBRAINS, SSHD_TYPE_COUNT };
+
+struct sshd_config {
+    const char *state_dir;   /* the host key lives here (created 0700 if missing) */
+    const char *sftp_server; /* an external sftp-server to run; NULL: the built-in one */
+    const char *workdir;     /* where sessions start; NULL: the user's home */
+    /* Environment names a client may set, NULL-terminated; "LC_*" style prefixes allowed.
+     * NULL: SSHD_DEFAULT_ENV_ALLOW. */
+    const char *const *env_allow;
+};
+#define SSHD_DEFAULT_ENV_ALLOW                                                                     \
+    {                                                                                              \
+        "LANG", "LC_*", "TERM", "TETHER_SESSION_TYPE", NULL                                        \
+    }
+
+struct sshd;
+
+/*
+ * Loads or creates the host key and looks up the user the sessions run as. Returns NULL
+ * with a one-line reason in err. cfg's strings must outlive the server.
+ */
+struct sshd *sshd_new(uv_loop_t *loop, const struct sshd_config *cfg, char *err, size_t errlen);
+
+/* Serves a tunnel stream of kind ssh: accepts it, or rejects it with a reason. */
+void sshd_serve_stream(struct sshd *d, struct portfwd_shared *pf, struct mux *m, uint32_t id);
+
+/* Extra environment for every new session (the manifest's "env" object); NULL clears. */
+void sshd_set_env(struct sshd *d, json_t *env);
+
+/* Open session channels by type. */
+unsigned sshd_session_count(const struct sshd *d, enum sshd_session_type type);
+
+/*
+ * Ends every connection (each session's process group gets SIGHUP), then frees the
+ * server and calls done from the loop.
+ */
+void sshd_free(struct sshd *d, void (*done)(void *arg), void *arg);
+
+#endif
