@@ -13,19 +13,11 @@
 #include <string.h>
 
 #include "cli.h"
-#include "tcpreset.h"
 #include "commands.h"
+#include "wsbridge.h"
 #include "proto/proto.h"
-#include "tunnel/chunkq.h"
 #include "tunnel/log.h"
 #include "tunnel/wsc.h"
-
-/* Bytes read from a local connection and not yet sent: reading pauses above this. */
-#define FWD_TO_WS_MAX (256u * 1024)
-/* The least free space worth reading into: below it, a fresh block is started. */
-#define FWD_READ_MIN (16u * 1024)
-/* Bytes waiting for the local socket: the websocket is paused above this. */
-#define FWD_TO_TCP_MAX (1024u * 1024)
 
 static const char forward_usage[] =
     "usage: tether forward --url URL --token-file FILE WORKSPACE "
@@ -48,274 +40,48 @@ struct forward {
     int remote_port;
     char path[256];
     uv_tcp_t listener;
-    size_t active;
-    uint8_t fin_msg[WSC_PRE]; /* the empty end-of-stream message is built here */
+    size_t active; /* connections whose bridge has not finished */
 };
 
+/* One accepted connection: its socket, joined to one websocket by a wsbridge. */
 struct fwd_conn {
     struct forward *f;
     uv_tcp_t tcp;
-    struct wsc *ws;
-    bool ws_open;
-    bool reading;
-    bool tcp_eof;      /* the local side half-closed */
-    bool fin_sent;     /* ... and we told the relay */
-    bool fin_received; /* the relay has nothing more */
-    bool tcp_closing;
-    bool tcp_closed; /* the handle is closed: c lives on only until the websocket ends */
-    bool rx_paused;
-    bool rx_in_message;  /* a message from the relay has started and not ended */
-    struct chunkq to_ws; /* read straight from the socket, sent from where it lies */
-    size_t to_tcp;       /* bytes in uv_write requests */
 };
 
-struct fwd_write {
-    uv_write_t req;
-    struct fwd_conn *c;
-    size_t len;
-    uint8_t data[];
-};
-
-/*
- * A connection is freed once both its socket handle and its websocket are gone; whichever
- * ends last frees it (here or in ws_closed).
- */
-static void on_tcp_closed(uv_handle_t *h)
-{
-    struct fwd_conn *c = h->data;
-    c->f->active--;
-    c->tcp_closed = true;
-    chunkq_free(&c->to_ws);
-    if (c->ws)
-        wsc_close(c->ws, LWS_CLOSE_STATUS_NORMAL, "local connection closed");
-    else
-        free(c);
-}
-
-/*
- * Closes the local socket. reset: the stream ended abnormally, so the local app gets a
- * connection reset rather than an end of file that would make a cut transfer look whole.
- */
-static void tcp_close(struct fwd_conn *c, bool reset)
-{
-    if (c->tcp_closing)
-        return;
-    c->tcp_closing = true;
-    if (!reset || uv_tcp_close_reset(&c->tcp, on_tcp_closed) < 0)
-        uv_close((uv_handle_t *)&c->tcp, on_tcp_closed);
-}
-
-static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
-{
-    struct fwd_conn *c = h->data;
-    size_t room = 0;
-    uint8_t *tail = chunkq_tail(&c->to_ws, FWD_READ_MIN, &room);
-    (void)suggested;
-    /* No memory yields UV_ENOBUFS in on_read, which closes the connection. */
-    *buf = uv_buf_init((char *)tail, tail ? (unsigned)room : 0);
-}
-
-static void on_read(uv_stream_t *s, ssize_t n, const uv_buf_t *buf)
-{
-    struct fwd_conn *c = s->data;
-    (void)buf;
-    if (n > 0) {
-        chunkq_commit(&c->to_ws, (size_t)n);
-        if (c->to_ws.len >= FWD_TO_WS_MAX) {
-            uv_read_stop(s);
-            c->reading = false;
-        }
-        if (c->ws_open)
-            wsc_want_write(c->ws);
-        return;
-    }
-    if (n == 0)
-        return;
-    uv_read_stop(s);
-    c->reading = false;
-    if (n == UV_EOF && !tcp_was_reset(&c->tcp)) {
-        c->tcp_eof = true;
-        if (c->ws_open)
-            wsc_want_write(c->ws);
-        return;
-    }
-    tcp_close(c, true);
-}
-
-static void start_reading(struct fwd_conn *c)
-{
-    if (c->reading || c->tcp_eof || c->tcp_closing || c->to_ws.len >= FWD_TO_WS_MAX)
-        return;
-    if (uv_read_start((uv_stream_t *)&c->tcp, on_alloc, on_read) == 0)
-        c->reading = true;
-}
-
-static void ws_established(void *ud, struct wsc *ws)
-{
-    struct fwd_conn *c = ud;
-    c->ws_open = true;
-    start_reading(c);
-    wsc_want_write(ws);
-}
-
-static void on_shutdown(uv_shutdown_t *req, int status)
-{
-    (void)status;
-    free(req);
-}
-
-static void maybe_shutdown_tcp(struct fwd_conn *c)
-{
-    if (!c->fin_received || c->to_tcp > 0 || c->tcp_closing)
-        return;
-    uv_shutdown_t *req = malloc(sizeof(*req));
-    if (!req || uv_shutdown(req, (uv_stream_t *)&c->tcp, on_shutdown) < 0) {
-        free(req);
-        tcp_close(c, true);
-    }
-}
-
-static void on_write(uv_write_t *req, int status)
-{
-    struct fwd_write *w = (struct fwd_write *)req;
-    struct fwd_conn *c = w->c;
-    c->to_tcp -= w->len;
-    free(w);
-    if (status < 0) {
-        tcp_close(c, true);
-        return;
-    }
-    if (c->rx_paused && c->to_tcp < FWD_TO_TCP_MAX / 2 && c->ws) {
-        c->rx_paused = false;
-        wsc_pause_rx(c->ws, false);
-    }
-    maybe_shutdown_tcp(c);
-    if (!c->ws && c->to_tcp == 0)
-        tcp_close(c, false); /* the relay ended normally and our last bytes are out */
-}
-
-static void ws_receive(void *ud, struct wsc *ws, const uint8_t *data, size_t len, bool binary,
-                       bool final)
-{
-    struct fwd_conn *c = ud;
-    bool empty_message = len == 0 && final && !c->rx_in_message;
-    c->rx_in_message = !final;
-    if (c->tcp_closing)
-        return;
-    if (!binary) {
-        wsc_close(ws, LWS_CLOSE_STATUS_UNACCEPTABLE_OPCODE, "text message");
-        return;
-    }
-    if (empty_message) { /* the relay's end of stream */
-        c->fin_received = true;
-        maybe_shutdown_tcp(c);
-        return;
-    }
-    size_t done = 0;
-    if (c->to_tcp == 0) {
-        uv_buf_t b = uv_buf_init((char *)data, (unsigned)len);
-        int n = uv_try_write((uv_stream_t *)&c->tcp, &b, 1);
-        if (n > 0)
-            done = (size_t)n;
-        else if (n < 0 && n != UV_EAGAIN) {
-            tcp_close(c, true);
-            return;
-        }
-    }
-    if (done == len)
-        return;
-    struct fwd_write *w = malloc(sizeof(*w) + len - done);
-    if (!w) {
-        tcp_close(c, true);
-        return;
-    }
-    w->c = c;
-    w->len = len - done;
-    memcpy(w->data, data + done, w->len);
-    uv_buf_t b = uv_buf_init((char *)w->data, (unsigned)w->len);
-    if (uv_write(&w->req, (uv_stream_t *)&c->tcp, &b, 1, on_write) < 0) {
-        free(w);
-        tcp_close(c, true);
-        return;
-    }
-    c->to_tcp += w->len;
-    if (c->to_tcp >= FWD_TO_TCP_MAX && !c->rx_paused) {
-        c->rx_paused = true;
-        wsc_pause_rx(ws, true);
-    }
-}
-
-static void ws_writable(void *ud, struct wsc *ws)
+static void conn_done(void *ud, const struct wsbridge_end *e)
 {
     struct fwd_conn *c = ud;
     struct forward *f = c->f;
-    size_t n;
-    uint8_t *front = chunkq_front(&c->to_ws, &n);
-    if (front) {
-        /* Framed and masked where the bytes lie: the block keeps WSC_PRE bytes in front. */
-        if (wsc_write(ws, front - WSC_PRE, n, true) < 0)
-            return;
-        chunkq_consume(&c->to_ws, n);
-        start_reading(c);
-        if (c->to_ws.len > 0 || c->tcp_eof)
-            wsc_want_write(ws);
+    f->active--;
+    free(c);
+    if (e->local_first) /* the local side went first; nothing to tell anyone */
         return;
-    }
-    if (c->tcp_eof && !c->fin_sent) {
-        c->fin_sent = true;
-        wsc_write(ws, f->fin_msg, 0, true);
-    }
-}
-
-static void ws_closed(void *ud, struct wsc *ws, int status, const char *reason)
-{
-    struct fwd_conn *c = ud;
-    struct forward *f = c->f;
-    (void)ws;
-    c->ws = NULL;
-    c->ws_open = false;
-    if (c->tcp_closed) { /* the local side went first; nothing left to tell anyone */
-        free(c);
-        return;
-    }
-    bool normal = status == 1000 || status == 1005;
-    if (normal) {
+    if (wsbridge_end_ok(e)) {
         log_debug("connection to port %d finished", f->remote_port);
-    } else if (status == 503) {
-        log_error("workspace %s is offline", f->workspace);
-    } else if (status == 401) {
-        log_error("the relay refused the token (HTTP 401)");
-    } else if (status == 404) {
-        log_error("workspace %s not found, or the token may not reach it (HTTP 404)", f->workspace);
-    } else if (status == 4000 + PROTO_CODE_CANCEL) {
-        /* The target (or the agent's side) dropped the connection: routine for many apps. */
-        log_info("forward to %s port %d: %s", f->workspace, f->remote_port, reason);
-    } else if (status >= 4000 && status < 5000) {
-        log_error("forward to %s port %d: %s", f->workspace, f->remote_port, reason);
-    } else {
-        log_error("forward to %s port %d: %s (status %d)", f->workspace, f->remote_port, reason,
-                  status);
-    }
-    if (c->tcp_closing)
-        return;
-    /* A normal end keeps the socket until our last bytes reached it; failures reset. */
-    if (normal && c->to_tcp > 0) {
-        c->fin_received = true;
         return;
     }
-    tcp_close(c, !normal);
+    char what[128], line[512];
+    snprintf(what, sizeof(what), "forward to %s port %d", f->workspace, f->remote_port);
+    wsbridge_end_text(e, f->workspace, what, line, sizeof(line));
+    /* The target (or the agent's side) dropped the connection: routine for many apps. */
+    if (e->status == 4000 + PROTO_CODE_CANCEL)
+        log_info("%s", line);
+    else
+        log_error("%s", line);
 }
 
-static const struct wsc_events fwd_ws_events = {
-    .established = ws_established,
-    .receive = ws_receive,
-    .writable = ws_writable,
-    .closed = ws_closed,
-};
+static const struct wsbridge_events conn_events = {.done = conn_done};
 
 static void free_handle(uv_handle_t *h)
 {
     free(h);
+}
+
+/* For a connection that never got its bridge: data points to the fwd_conn. */
+static void free_conn_handle(uv_handle_t *h)
+{
+    free(h->data);
 }
 
 static void on_connection(uv_stream_t *server, int status)
@@ -339,14 +105,12 @@ static void on_connection(uv_stream_t *server, int status)
     c->f = f;
     uv_tcp_init(&f->rt.loop, &c->tcp);
     c->tcp.data = c;
-    chunkq_init(&c->to_ws, WSC_PRE);
-    f->active++;
     if (uv_accept(server, (uv_stream_t *)&c->tcp) < 0) {
-        tcp_close(c, false);
+        uv_close((uv_handle_t *)&c->tcp, free_conn_handle);
         return;
     }
     uv_tcp_nodelay(&c->tcp, 1);
-    struct wsc_params p = {
+    struct wsc_params wp = {
         .context = f->rt.ws.ctx,
         .vhost = f->rt.ws.client_vhost,
         .url = &f->cc.url,
@@ -354,12 +118,15 @@ static void on_connection(uv_stream_t *server, int status)
         .token = f->cc.token,
         .insecure = f->cc.insecure,
     };
-    char err[256];
-    c->ws = wsc_connect(&p, &fwd_ws_events, c, err, sizeof(err));
-    if (!c->ws) {
-        log_error("cannot reach the relay: %s", err);
-        tcp_close(c, true);
+    struct wsbridge_params bp = {
+        .ws = &wp, .in = (uv_stream_t *)&c->tcp, .out = (uv_stream_t *)&c->tcp};
+    if (wsbridge_start(&bp, &conn_events, c) < 0) {
+        log_error("out of memory: connection refused");
+        if (uv_tcp_close_reset(&c->tcp, free_conn_handle) < 0)
+            uv_close((uv_handle_t *)&c->tcp, free_conn_handle);
+        return;
     }
+    f->active++;
 }
 
 static void on_forward_signal(struct cli_runtime *rt, int signum)

@@ -22,15 +22,17 @@ static const char usage[] =
     "usage: tether COMMAND [OPTIONS]\n"
     "\n"
     "tether is a workspace agent: it dials out to a relay over one websocket and serves\n"
-    "port forwards (and, in later versions, SSH and terminals) through it.\n"
+    "SSH (shells, exec, sftp, forwards) and TCP port forwards through it.\n"
     "\n"
     "commands:\n"
-    "  agent     run the workspace agent (dials the relay)\n"
-    "  relay     run the relay, the control-plane end of the tunnel\n"
-    "  forward   forward a local TCP port to a port inside a workspace\n"
-    "  status    print the relay's view of workspaces as JSON\n"
-    "  demo      run a relay and an agent on loopback, this directory as the workspace\n"
-    "  version   print versions of tether and its libraries\n"
+    "  agent        run the workspace agent (dials the relay)\n"
+    "  relay        run the relay, the control-plane end of the tunnel\n"
+    "  forward      forward a local TCP port to a port inside a workspace\n"
+    "  ssh-proxy    join stdin/stdout to a workspace's SSH server (ssh's ProxyCommand)\n"
+    "  config-ssh   write 'Host tether.NAME' entries for the workspaces to ~/.ssh/config\n"
+    "  status       print the relay's view of workspaces as JSON\n"
+    "  demo         run a relay and an agent on loopback, this directory as the workspace\n"
+    "  version      print versions of tether and its libraries\n"
     "\n"
     "Every command takes --help. Exit status: 0 success, 1 failure, 2 usage error.\n";
 
@@ -67,6 +69,10 @@ int main(int argc, char **argv)
         return cmd_status(argc - 1, argv + 1);
     if (strcmp(cmd, "demo") == 0)
         return cmd_demo(argc - 1, argv + 1);
+    if (strcmp(cmd, "ssh-proxy") == 0)
+        return cmd_ssh_proxy(argc - 1, argv + 1);
+    if (strcmp(cmd, "config-ssh") == 0)
+        return cmd_config_ssh(argc - 1, argv + 1);
     cli_error("unknown command '%s' (try 'tether --help')", cmd);
     return EXIT_USAGE;
 }
