@@ -7,6 +7,7 @@ int cmd_agent(int argc, char **argv);
 int cmd_forward(int argc, char **argv);
 int cmd_status(int argc, char **argv);
 int cmd_demo(int argc, char **argv);
+int cmd_sftp_server(int argc, char **argv);
 int cmd_ssh_proxy(int argc, char **argv);
 int cmd_config_ssh(int argc, char **argv);
 

@@ -31,6 +31,7 @@ static const char usage[] =
     "  ssh-proxy    join stdin/stdout to a workspace's SSH server (ssh's ProxyCommand)\n"
     "  config-ssh   write 'Host tether.NAME' entries for the workspaces to ~/.ssh/config\n"
     "  status       print the relay's view of workspaces as JSON\n"
+    "  sftp-server  serve SFTP on stdin/stdout (for images without OpenSSH's sftp-server)\n"
     "  demo         run a relay and an agent on loopback, this directory as the workspace\n"
     "  version      print versions of tether and its libraries\n"
     "\n"
@@ -69,6 +70,8 @@ int main(int argc, char **argv)
         return cmd_status(argc - 1, argv + 1);
     if (strcmp(cmd, "demo") == 0)
         return cmd_demo(argc - 1, argv + 1);
+    if (strcmp(cmd, "sftp-server") == 0)
+        return cmd_sftp_server(argc - 1, argv + 1);
     if (strcmp(cmd, "ssh-proxy") == 0)
         return cmd_ssh_proxy(argc - 1, argv + 1);
     if (strcmp(cmd, "config-ssh") == 0)

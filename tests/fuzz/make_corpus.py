@@ -1,5 +1,5 @@
 #!/usr/bin/python3
-"""Writes the seed corpora of the fuzz targets (tests/fuzz/corpus/{frame,control,mux}/).
+"""Writes the seed corpora of the fuzz targets (tests/fuzz/corpus/{frame,control,mux,sftp}/).
 
 Each frame seed is one websocket message as the mux receives it: whole tether.v1 frames
 back to back (proto/PROTOCOL.md). Each control seed is one CONTROL payload. The files are
@@ -113,6 +113,80 @@ MUX_SEEDS = {
 }
 
 
+# SFTP seeds (agent/sftp_wire.h): what a client writes to `tether sftp-server`, packets of
+# SFTP version 3 back to back: uint32 length, type, then (but for INIT) a uint32 id.
+def sftp_str(b):
+    b = b.encode() if isinstance(b, str) else b
+    return struct.pack(">I", len(b)) + b
+
+
+def sftp_pkt(ptype, rid, body=b""):
+    payload = struct.pack(">BI", ptype, rid) + body
+    return struct.pack(">I", len(payload)) + payload
+
+
+def sftp_attrs(size=None, uidgid=None, perm=None, times=None, ext=()):
+    flags, body = 0, b""
+    if size is not None:
+        flags |= 1
+        body += struct.pack(">Q", size)
+    if uidgid is not None:
+        flags |= 2
+        body += struct.pack(">II", *uidgid)
+    if perm is not None:
+        flags |= 4
+        body += struct.pack(">I", perm)
+    if times is not None:
+        flags |= 8
+        body += struct.pack(">II", *times)
+    if ext:
+        flags |= 0x80000000
+        body += struct.pack(">I", len(ext)) + b"".join(sftp_str(k) + sftp_str(v) for k, v in ext)
+    return struct.pack(">I", flags) + body
+
+
+SFTP_HANDLE = b"\x00\x00\x00\x00\x00\x00\x00\x01"
+SFTP_INIT = sftp_pkt(1, 3)
+
+
+def sftp_ext(rid, name, body=b""):
+    return sftp_pkt(200, rid, sftp_str(name) + body)
+
+
+SFTP_SEEDS = {
+    "init": SFTP_INIT,
+    "upload": SFTP_INIT + sftp_pkt(3, 1, sftp_str("f.txt") + struct.pack(">I", 0x1a)
+                                    + sftp_attrs(perm=0o644))
+    + sftp_pkt(6, 2, sftp_str(SFTP_HANDLE) + struct.pack(">Q", 0) + sftp_str(b"x" * 300))
+    + sftp_pkt(10, 3, sftp_str(SFTP_HANDLE) + sftp_attrs(times=(1, 2)))
+    + sftp_pkt(4, 4, sftp_str(SFTP_HANDLE)),
+    "download": SFTP_INIT + sftp_pkt(17, 1, sftp_str("/etc/hostname"))
+    + sftp_pkt(3, 2, sftp_str("/etc/hostname") + struct.pack(">I", 1) + sftp_attrs())
+    + sftp_pkt(5, 3, sftp_str(SFTP_HANDLE) + struct.pack(">QI", 0, 32768))
+    + sftp_pkt(5, 4, sftp_str(SFTP_HANDLE) + struct.pack(">QI", 2**63, 2**32 - 1)),
+    "listing": SFTP_INIT + sftp_pkt(16, 1, sftp_str(".")) + sftp_pkt(11, 2, sftp_str("dir"))
+    + sftp_pkt(12, 3, sftp_str(SFTP_HANDLE)) + sftp_pkt(8, 4, sftp_str(SFTP_HANDLE)),
+    "names": SFTP_INIT + sftp_pkt(18, 1, sftp_str("a") + sftp_str("b"))
+    + sftp_pkt(20, 2, sftp_str("target") + sftp_str("link")) + sftp_pkt(19, 3, sftp_str("link"))
+    + sftp_pkt(13, 4, sftp_str("a")) + sftp_pkt(14, 5, sftp_str("d") + sftp_attrs(perm=0o700))
+    + sftp_pkt(15, 6, sftp_str("d")) + sftp_pkt(7, 7, sftp_str("l")),
+    "setstat_all": sftp_pkt(9, 1, sftp_str("f") + sftp_attrs(10, (0, 0), 0o4755, (3, 4),
+                                                            (("a", "1"), ("b", "")))),
+    "extensions": SFTP_INIT + sftp_ext(1, "limits@openssh.com")
+    + sftp_ext(2, "statvfs@openssh.com", sftp_str("/"))
+    + sftp_ext(3, "posix-rename@openssh.com", sftp_str("a") + sftp_str("b"))
+    + sftp_ext(4, "hardlink@openssh.com", sftp_str("a") + sftp_str("c"))
+    + sftp_ext(5, "fsync@openssh.com", sftp_str(SFTP_HANDLE))
+    + sftp_ext(6, "expand-path@openssh.com", sftp_str("~/x"))
+    + sftp_ext(7, "copy-data", sftp_str(SFTP_HANDLE) + struct.pack(">QQ", 0, 0)),
+    "unknown_type": sftp_pkt(150, 1, b"\xff" * 8),
+    "path_with_nul": sftp_pkt(17, 1, sftp_str(b"a\x00b")),
+    "length_lie": struct.pack(">IBI", 100, 17, 1) + sftp_str("short"),
+    "string_lie": sftp_pkt(17, 1, struct.pack(">I", 0xFFFFFFF0) + b"abc"),
+    "oversized": struct.pack(">IB", 256 * 1024 + 1025, 6),
+}
+
+
 def write(dirname, name, data):
     path = os.path.join(HERE, "corpus", dirname)
     os.makedirs(path, exist_ok=True)
@@ -129,6 +203,8 @@ def main():
         write("control", name, data)
     for name, data in MUX_SEEDS.items():
         write("mux", name, data)
+    for name, data in SFTP_SEEDS.items():
+        write("sftp", name, data)
 
 
 if __name__ == "__main__":

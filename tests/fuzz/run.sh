@@ -20,6 +20,9 @@ targets=(
 if [ -f tests/fuzz/fuzz_mux.c ]; then
     targets+=("fuzz_mux: tests/fuzz/fuzz_mux.c tunnel/mux.c proto/proto.c")
 fi
+if [ -f tests/fuzz/fuzz_sftp.c ]; then
+    targets+=("fuzz_sftp: tests/fuzz/fuzz_sftp.c agent/sftp_wire.c")
+fi
 
 if ! command -v clang >/dev/null 2>&1; then
     echo "clang not found: fuzzing skipped"
