@@ -85,7 +85,7 @@ static void on_control(void *ud, json_t *msg)
     if (strcmp(type, "manifest") == 0) {
         log_info("serving workspace %s", json_string_value(json_object_get(msg, "workspace")));
         if (a->sshd)
-            sshd_set_env(a->sshd, json_object_get(msg, "env"));
+            sshd_set_manifest(a->sshd, msg);
     } else if (strcmp(type, "shutdown") == 0) {
         const char *why = json_string_value(json_object_get(msg, "reason"));
         log_info("the relay asks for shutdown%s%s", why ? ": " : "", why ? why : "");

@@ -23,6 +23,13 @@ static const char agent_usage[] =
     "                             $XDG_STATE_HOME/tether, else ~/.local/state/tether)\n"
     "  --sftp-server PATH         run this SFTP server for the sftp subsystem instead of\n"
     "                             the built-in one\n"
+    "  --ssh-listen ADDR:PORT     also serve SSH on this local address; clients must\n"
+    "                             authenticate with a key from --authorized-keys or the\n"
+    "                             manifest (never a password); off by default\n"
+    "  --authorized-keys FILE     public keys (OpenSSH format) for --ssh-listen\n"
+    "  --ssh-accept-env LIST      environment names SSH clients may set, comma-separated,\n"
+    "                             '*' wildcards allowed (default LANG,LC_*,TERM,\n"
+    "                             TETHER_SESSION_TYPE)\n"
     "  --keepalive-idle DURATION  ping the relay after this much silence (default 15s)\n"
     "  --keepalive-timeout DURATION  reconnect after this much silence (default 45s)\n"
     "  --log-level LEVEL          error, warn, info (default) or debug\n"
@@ -61,15 +68,44 @@ static void on_relay_shutdown(void *arg)
     shut_down(arg);
 }
 
+#define AGENT_MAX_ACCEPT_ENV 32
+
+struct env_allow {
+    char text[1024];
+    char *names[AGENT_MAX_ACCEPT_ENV + 1];
+};
+
+/* "LANG,LC_*,FOO" into a NULL-terminated list; names are [A-Za-z0-9_*]+. */
+static int parse_env_allow(const char *arg, struct env_allow *out)
+{
+    if (snprintf(out->text, sizeof(out->text), "%s", arg) >= (int)sizeof(out->text))
+        return -1;
+    int n = 0;
+    for (char *save = NULL, *tok = strtok_r(out->text, ",", &save); tok;
+         tok = strtok_r(NULL, ",", &save)) {
+        if (n >= AGENT_MAX_ACCEPT_ENV || tok[strspn(tok, "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                                                         "abcdefghijklmnopqrstuvwxyz"
+                                                         "0123456789_*")] != '\0')
+            return -1;
+        out->names[n++] = tok;
+    }
+    out->names[n] = NULL;
+    return 0;
+}
+
 int cmd_agent(int argc, char **argv)
 {
     static const struct option opts[] = {{"state-dir", required_argument, NULL, 'S'},
                                          {"sftp-server", required_argument, NULL, 'F'},
+                                         {"ssh-listen", required_argument, NULL, 'l'},
+                                         {"authorized-keys", required_argument, NULL, 'K'},
+                                         {"ssh-accept-env", required_argument, NULL, 'E'},
                                          CLI_OPTS_CLIENT,
                                          CLI_OPTS_KEEPALIVE,
                                          CLI_OPTS_END};
     struct sshd_config sc = {0};
-    char state_dir[4096];
+    struct env_allow env_allow;
+    char state_dir[4096], listen_host[256];
     struct cli_client cc;
     memset(&cc, 0, sizeof(cc));
     struct dial_config dc;
@@ -85,6 +121,29 @@ int cmd_agent(int argc, char **argv)
     while ((c = cli_getopt(argc, argv, opts)) != -1) {
         if (c == 'S') {
             sc.state_dir = optarg;
+            continue;
+        }
+        if (c == 'l') {
+            if (cli_hostport(optarg, listen_host, sizeof(listen_host), &sc.listen_port) < 0 ||
+                sc.listen_port < 0) {
+                cli_error("bad --ssh-listen '%s': expected ADDR:PORT", optarg);
+                return EXIT_USAGE;
+            }
+            sc.listen_host = listen_host;
+            continue;
+        }
+        if (c == 'E') {
+            if (parse_env_allow(optarg, &env_allow) < 0) {
+                cli_error("bad --ssh-accept-env '%s': at most %d names of letters, digits, '_' "
+                          "and '*'",
+                          optarg, AGENT_MAX_ACCEPT_ENV);
+                return EXIT_USAGE;
+            }
+            sc.env_allow = (const char *const *)env_allow.names;
+            continue;
+        }
+        if (c == 'K') {
+            sc.authorized_keys = optarg;
             continue;
         }
         if (c == 'F') {

@@ -15,8 +15,7 @@
  *
  * The other direction (ssh -R, and agent forwarding) listens in the workspace. Each
  * accepted connection asks the client for a channel (forwarded-tcpip or
- * auth-agent@openssh.com); it waits in c->pending until the client answers, which
- * ssh_forward_service notices after each pump.
+ * auth-agent@openssh.com), whose answer the channel's service notices after a pump.
  */
 #include <arpa/inet.h>
 #include <errno.h>
@@ -155,55 +154,6 @@ static void listener_close(struct ssh_listener *l)
     uv_close((uv_handle_t *)&l->poll, on_listener_closed);
 }
 
-static void pending_free(struct ssh_conn *c, struct ssh_pending *p, bool keep_fd)
-{
-    for (struct ssh_pending **pp = &c->pending; *pp; pp = &(*pp)->next)
-        if (*pp == p) {
-            *pp = p->next;
-            break;
-        }
-    c->npending--;
-    if (!keep_fd)
-        close(p->fd);
-    free(p);
-}
-
-/* Asks the client for the channel; SSH_AGAIN until it answers. */
-static int pending_open(struct ssh_pending *p)
-{
-    if (p->is_agent)
-        return ssh_channel_open_auth_agent(p->channel);
-    return ssh_channel_open_reverse_forward(p->channel, p->addr, p->port, p->origin,
-                                            p->origin_port);
-}
-
-/* One step for a pending connection: attach it, drop it, or keep waiting. */
-static void pending_step(struct ssh_conn *c, struct ssh_pending *p)
-{
-    int rc = pending_open(p);
-    if (rc == SSH_AGAIN)
-        return;
-    ssh_channel channel = p->channel;
-    if (rc != SSH_OK) {
-        log_info("ssh: the client refused a %s channel", p->is_agent ? "agent" : "forwarded");
-        ssh_channel_free(channel);
-        pending_free(c, p, false);
-        return;
-    }
-    int fd = p->fd;
-    pending_free(c, p, true);
-    if (ssh_chan_attach_socket(c, channel, fd, false) < 0)
-        ssh_channel_close(channel);
-}
-
-void ssh_forward_service(struct ssh_conn *c)
-{
-    for (struct ssh_pending *p = c->pending, *next; p; p = next) {
-        next = p->next;
-        pending_step(c, p);
-    }
-}
-
 static void on_accept(uv_poll_t *h, int status, int events)
 {
     struct ssh_listener *l = h->data;
@@ -216,39 +166,25 @@ static void on_accept(uv_poll_t *h, int status, int events)
     int fd = accept4(l->fd, (struct sockaddr *)&sa, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0)
         return;
-    struct ssh_pending *p = NULL;
-    ssh_channel channel = NULL;
-    if (c->npending >= SSHD_MAX_PENDING || !(p = calloc(1, sizeof(*p))) ||
-        !(channel = ssh_channel_new(c->session))) {
-        log_warn("ssh: forwarded connection dropped: too many waiting");
-        free(p);
-        close(fd);
-        return;
-    }
-    p->channel = channel;
-    p->fd = fd;
-    p->is_agent = l->is_agent;
-    snprintf(p->addr, sizeof(p->addr), "%s", l->addr);
-    p->port = l->port;
-    snprintf(p->origin, sizeof(p->origin), "127.0.0.1");
+    struct ssh_reverse r = {.is_agent = l->is_agent, .port = l->port};
+    snprintf(r.addr, sizeof(r.addr), "%s", l->addr);
+    snprintf(r.origin, sizeof(r.origin), "127.0.0.1");
     if (sa.ss_family == AF_INET) {
         struct sockaddr_in *v4 = (struct sockaddr_in *)&sa;
-        inet_ntop(AF_INET, &v4->sin_addr, p->origin, sizeof(p->origin));
-        p->origin_port = ntohs(v4->sin_port);
+        inet_ntop(AF_INET, &v4->sin_addr, r.origin, sizeof(r.origin));
+        r.origin_port = ntohs(v4->sin_port);
     } else if (sa.ss_family == AF_INET6) {
         struct sockaddr_in6 *v6 = (struct sockaddr_in6 *)&sa;
-        inet_ntop(AF_INET6, &v6->sin6_addr, p->origin, sizeof(p->origin));
-        p->origin_port = ntohs(v6->sin6_port);
+        inet_ntop(AF_INET6, &v6->sin6_addr, r.origin, sizeof(r.origin));
+        r.origin_port = ntohs(v6->sin6_port);
     }
     if (sa.ss_family != AF_UNIX) {
         int one = 1;
         setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     }
-    p->next = c->pending;
-    c->pending = p;
-    c->npending++;
     c->in_io++;
-    pending_step(c, p);
+    if (ssh_chan_open_reverse(c, fd, &r) < 0)
+        log_warn("ssh: a forwarded connection was dropped: too many channels");
     c->in_io--;
     ssh_conn_after_io(c);
 }
@@ -301,21 +237,12 @@ static int tcpip_forward(struct ssh_conn *c, ssh_message msg)
         log_info("ssh: remote forward %s:%d refused", addr, port);
         return -1;
     }
-    int fd = socket(sa.ss_family, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0);
-    int one = 1;
-    if (fd >= 0)
-        setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
-    if (fd < 0 || bind(fd, (struct sockaddr *)&sa, len) < 0 || listen(fd, 128) < 0) {
-        log_info("ssh: remote forward %s:%d refused: %s", addr, port, strerror(errno));
-        if (fd >= 0)
-            close(fd);
+    int bound;
+    int fd = ssh_tcp_listen(&sa, len, &bound);
+    if (fd < 0) {
+        log_info("ssh: remote forward %s:%d refused: %s", addr, port, strerror(-fd));
         return -1;
     }
-    struct sockaddr_storage got;
-    socklen_t glen = sizeof(got);
-    getsockname(fd, (struct sockaddr *)&got, &glen);
-    int bound = got.ss_family == AF_INET6 ? ntohs(((struct sockaddr_in6 *)&got)->sin6_port)
-                                          : ntohs(((struct sockaddr_in *)&got)->sin_port);
     struct ssh_listener *l = listener_start(c, fd, false);
     if (!l)
         return -1;
@@ -373,10 +300,6 @@ void ssh_forward_close_all(struct ssh_conn *c)
 {
     while (c->listeners)
         listener_close(c->listeners);
-    while (c->pending) {
-        ssh_channel_free(c->pending->channel);
-        pending_free(c, c->pending, false);
-    }
 }
 
 int ssh_forward_message(ssh_session session, ssh_message msg, void *ud)

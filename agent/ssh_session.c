@@ -46,17 +46,28 @@ static bool write_pending(const struct ssh_chan *ch)
 
 /* ---- descriptors on the loop ---- */
 
+static void chan_release(struct ssh_chan *ch)
+{
+    struct ssh_conn *c = ch->conn;
+    free(ch->in_buf);
+    free(ch->reverse);
+    for (unsigned i = 0; i < ch->nenv; i++)
+        free(ch->env[i]);
+    free(ch);
+    ssh_conn_unref(c);
+}
+
+/* One of the channel's handles (a descriptor's poll, the sftp engine) is gone. */
+static void release_handle(struct ssh_chan *ch)
+{
+    if (--ch->open_handles == 0 && ch->freeing)
+        chan_release(ch);
+}
+
 static void on_fd_closed(uv_handle_t *h)
 {
     struct chan_fd *w = h->data;
-    struct ssh_chan *ch = w->ch;
-    if (--ch->open_handles == 0 && ch->freeing) {
-        struct ssh_conn *c = ch->conn;
-        for (unsigned i = 0; i < ch->nenv; i++)
-            free(ch->env[i]);
-        free(ch);
-        ssh_conn_unref(c);
-    }
+    release_handle(w->ch);
 }
 
 static void fd_close(struct chan_fd *w)
@@ -187,11 +198,11 @@ static void build_env(struct ssh_chan *ch, const char *tty, struct envb *e)
         env_set(e, "SSH_AUTH_SOCK", ch->conn->agent_sock);
     if (ch->pty)
         env_set(e, "TERM", ch->term[0] ? ch->term : "xterm");
-    if (d->env) {
+    json_t *menv = json_object_get(d->manifest, "env");
+    if (menv) {
         const char *k;
         json_t *v;
-        json_object_foreach(d->env, k, v) if (json_is_string(v))
-            env_set(e, k, json_string_value(v));
+        json_object_foreach(menv, k, v) if (json_is_string(v)) env_set(e, k, json_string_value(v));
     }
     for (unsigned i = 0; i < ch->nenv; i++)
         env_put(e, ch->env[i]);
@@ -220,6 +231,15 @@ static enum sshd_session_type session_type(const struct ssh_chan *ch, const char
     return SSHD_TYPE_SSH;
 }
 
+/* Where sessions start: the manifest's directory, else the configured one, else home. */
+static const char *session_dir(const struct sshd *d)
+{
+    const char *dir = json_string_value(json_object_get(d->manifest, "directory"));
+    if (dir && dir[0] == '/')
+        return dir;
+    return d->cfg->workdir ? d->cfg->workdir : d->user.home;
+}
+
 /* Starts the session's process: argv[0..] run through path. Returns 0 or -1. */
 static int start_process(struct ssh_chan *ch, const char *path, char *const *argv,
                          const char *command)
@@ -231,7 +251,7 @@ static int start_process(struct ssh_chan *ch, const char *path, char *const *arg
     struct proc_spec spec = {
         .path = path,
         .argv = argv,
-        .cwd = d->cfg->workdir ? d->cfg->workdir : d->user.home,
+        .cwd = session_dir(d),
         .use_pty = ch->pty,
         .pty_master = -1,
         .pty_slave = -1,
@@ -267,6 +287,10 @@ static int start_process(struct ssh_chan *ch, const char *path, char *const *arg
     }
     ch->type = session_type(ch, command);
     d->sessions[ch->type]++;
+    ch->counted = true;
+    /* The command may hold secrets: only at debug level. */
+    log_debug("ssh: started pid %d%s: %s", (int)io.pid, ch->pty ? " on a pty" : "",
+              command ? command : argv[0]);
     ch->state = CHAN_RUNNING;
     return 0;
 }
@@ -275,7 +299,8 @@ static int start_process(struct ssh_chan *ch, const char *path, char *const *arg
 
 static bool can_send(struct ssh_chan *ch)
 {
-    return ch->channel && !write_pending(ch) && ssh_channel_window_size(ch->channel) > 0;
+    return ch->channel && !ch->closed_by_client && !write_pending(ch) &&
+           ssh_channel_window_size(ch->channel) > 0;
 }
 
 static void read_output(struct ssh_chan *ch, struct chan_fd *w)
@@ -325,24 +350,42 @@ static size_t crlf(const char *in, size_t len, char *out, size_t cap)
     return o;
 }
 
-/* A login shell shows /etc/motd first, unless ~/.hushlogin exists (as login(1) does). */
+/*
+ * A login shell shows /etc/motd and then the manifest's motd first, unless ~/.hushlogin
+ * exists (as login(1) does). Both together are cut to SSHD_MOTD_MAX bytes.
+ */
 static void send_motd(struct ssh_chan *ch)
 {
     struct sshd *d = ch->conn->d;
     char path[4096], text[SSHD_MOTD_MAX], out[2 * SSHD_MOTD_MAX];
+    size_t len = 0;
     ch->motd_pending = false;
     snprintf(path, sizeof(path), "%s/.hushlogin", d->user.home);
     if (access(path, F_OK) == 0)
         return;
     int fd = open("/etc/motd", O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0)
+    if (fd >= 0) {
+        ssize_t n = read(fd, text, sizeof(text));
+        len = n > 0 ? (size_t)n : 0;
+        close(fd);
+    }
+    const char *extra = json_string_value(json_object_get(d->manifest, "motd"));
+    if (extra && extra[0]) {
+        size_t el = strlen(extra);
+        if (el > sizeof(text) - len - 1)
+            el = sizeof(text) - len - 1;
+        memcpy(text + len, extra, el);
+        len += el;
+        if (el > 0 && text[len - 1] != '\n')
+            text[len++] = '\n'; /* room was kept for it */
+    }
+    if (len == 0)
         return;
-    ssize_t n = read(fd, text, sizeof(text));
-    close(fd);
-    if (n <= 0)
-        return;
-    size_t len = ch->pty ? crlf(text, (size_t)n, out, sizeof(out)) : (size_t)n;
-    const char *p = ch->pty ? out : text;
+    const char *p = text;
+    if (ch->pty) { /* the client's terminal is raw: it needs \r\n */
+        len = crlf(text, len, out, sizeof(out));
+        p = out;
+    }
     if (len <= ssh_channel_window_size(ch->channel))
         ssh_channel_write(ch->channel, p, (uint32_t)len);
 }
@@ -367,34 +410,80 @@ static void maybe_close_stdin(struct ssh_chan *ch)
 }
 
 /* Writes what we hold, then pulls what libssh holds, until the child stops taking it. */
+/*
+ * Gives the client's bytes to whatever consumes them: the child's input, the forward's
+ * socket, or the sftp engine. Returns the count taken, or -1 when it will never take more.
+ */
+static ssize_t sink_write(struct ssh_chan *ch, const void *data, size_t len)
+{
+    if (ch->sftp)
+        return (ssize_t)sftp_server_feed(ch->sftp, data, len);
+    int fd = input_fd(ch);
+    if (fd < 0)
+        return -1;
+    ssize_t n = write(fd, data, len);
+    if (n < 0 && (errno == EAGAIN || errno == EINTR))
+        return 0;
+    return n;
+}
+
+static bool has_sink(struct ssh_chan *ch)
+{
+    return ch->sftp || input_fd(ch) >= 0;
+}
+
+/*
+ * Writes what we hold, then pulls what libssh holds, until the sink stops taking it.
+ *
+ * libssh grows the client's window back to 1,280,000 bytes on every read, without counting
+ * what it still buffers. Pulled piecemeal, each small read would let the client send
+ * another megabyte and the backlog would grow as long as the upload outruns the reader.
+ * So we pull only when our own buffer is empty, and then everything libssh holds: both
+ * buffers stay bounded by the window.
+ */
 static void flush_input(struct ssh_chan *ch)
 {
-    int fd = input_fd(ch);
-    while (fd >= 0 && ch->channel) {
+    while (has_sink(ch) && ch->channel) {
         if (ch->in_len > 0) {
-            ssize_t n = write(fd, ch->in_buf, ch->in_len);
-            if (n < 0 && (errno == EAGAIN || errno == EINTR))
+            ssize_t n = sink_write(ch, ch->in_buf + ch->in_off, ch->in_len);
+            if (n == 0)
                 return;
             if (n < 0) { /* the child closed its input: what it never reads is dropped */
                 ch->in_len = 0;
                 ch->leftover = 0;
                 break;
             }
-            memmove(ch->in_buf, ch->in_buf + n, ch->in_len - (size_t)n);
+            ch->in_off += (size_t)n;
             ch->in_len -= (size_t)n;
             if (ch->in_len > 0)
                 return;
         }
+        ch->in_off = 0;
         if (ch->leftover == 0)
             break;
-        size_t pull = ch->leftover < sizeof(ch->in_buf) ? ch->leftover : sizeof(ch->in_buf);
-        int r = ssh_channel_read_nonblocking(ch->channel, ch->in_buf, (uint32_t)pull, 0);
+        size_t want = ch->leftover < SSHD_STDIN_MAX ? ch->leftover : SSHD_STDIN_MAX;
+        if (ch->in_cap < want) {
+            uint8_t *b = realloc(ch->in_buf, want);
+            if (!b) {
+                log_warn("ssh: out of memory for a session's input");
+                ch->conn->dead = true;
+                return;
+            }
+            ch->in_buf = b;
+            ch->in_cap = want;
+        }
+        int r = ssh_channel_read_nonblocking(ch->channel, ch->in_buf, (uint32_t)want, 0);
         if (r <= 0) {
             ch->leftover = 0;
             break;
         }
         ch->leftover -= (size_t)r;
         ch->in_len = (size_t)r;
+    }
+    if (ch->in_len == 0) { /* idle sessions keep no buffer */
+        free(ch->in_buf);
+        ch->in_buf = NULL;
+        ch->in_cap = 0;
     }
     maybe_close_stdin(ch);
 }
@@ -407,6 +496,10 @@ static void update_watches(struct ssh_chan *ch)
     bool in_wait = ch->in_len > 0 || ch->leftover > 0;
     if (ch->state == CHAN_CONNECTING) {
         fd_want(&ch->out, UV_WRITABLE);
+        return;
+    }
+    if (ch->state == CHAN_OPENING) {
+        fd_want(&ch->out, 0);
         return;
     }
     if (single_fd(ch)) {
@@ -474,17 +567,93 @@ static void finish(struct ssh_chan *ch)
     ch->state = CHAN_DONE;
 }
 
+static void finish(struct ssh_chan *ch);
+
+/* Sends the sftp engine's replies as far as the window allows. */
+static void sftp_send(struct ssh_chan *ch)
+{
+    while (can_send(ch)) {
+        size_t len;
+        const uint8_t *out = sftp_server_output(ch->sftp, &len);
+        if (!out || len == 0)
+            return;
+        uint32_t win = ssh_channel_window_size(ch->channel);
+        if (len > win)
+            len = win;
+        if (len > SSHD_READ_MAX)
+            len = SSHD_READ_MAX;
+        int rc = ssh_channel_write(ch->channel, out, (uint32_t)len);
+        if (rc <= 0) {
+            if (rc < 0)
+                ch->conn->dead = true;
+            return;
+        }
+        sftp_server_consumed(ch->sftp, (size_t)rc);
+    }
+}
+
+static void sftp_service(struct ssh_chan *ch)
+{
+    if (ch->in_len > 0 || ch->leftover > 0)
+        flush_input(ch);
+    sftp_send(ch);
+    size_t queued = 0;
+    sftp_server_output(ch->sftp, &queued);
+    bool idle = sftp_server_pending(ch->sftp) == 0 && queued == 0;
+    /* The client finished (EOF) and every answer is out, or the session broke. */
+    if ((ch->eof_from_client && idle && ch->in_len == 0 && ch->leftover == 0) ||
+        sftp_server_error(ch->sftp) < 0) {
+        if (sftp_server_error(ch->sftp) < 0)
+            log_info("ssh: sftp session ended: malformed request");
+        ch->wait_status = sftp_server_error(ch->sftp) < 0 ? 1 << 8 : 0;
+        finish(ch);
+    }
+}
+
+/* A channel we asked the client for: confirmed, refused, or still waiting. */
+static void open_step(struct ssh_chan *ch)
+{
+    struct ssh_reverse *r = ch->reverse;
+    int rc = r->is_agent ? ssh_channel_open_auth_agent(ch->channel)
+                         : ssh_channel_open_reverse_forward(ch->channel, r->addr, r->port,
+                                                            r->origin, r->origin_port);
+    if (rc == SSH_AGAIN)
+        return;
+    bool is_agent = r->is_agent;
+    free(ch->reverse);
+    ch->reverse = NULL;
+    if (rc != SSH_OK) {
+        log_info("ssh: the client refused a %s channel", is_agent ? "agent" : "forwarded");
+        ch->state = CHAN_DONE;
+        return;
+    }
+    ch->state = CHAN_RUNNING;
+}
+
 void ssh_chan_service(struct ssh_chan *ch)
 {
-    if (ch->state == CHAN_CONNECTING) {
+    if (ch->state == CHAN_OPENING && ch->channel)
+        open_step(ch);
+    if (ch->state == CHAN_CONNECTING || ch->state == CHAN_OPENING) {
         update_watches(ch);
         return;
     }
     if (ch->state != CHAN_RUNNING || !ch->channel)
         return;
+    if (ch->sftp) {
+        sftp_service(ch);
+        return;
+    }
     if (ch->is_socket) {
         if (ch->in_len > 0 || ch->leftover > 0)
             flush_input(ch);
+        if (ch->closed_by_client) {
+            if (ch->in_len == 0 && ch->leftover == 0)
+                ch->state = CHAN_DONE; /* delivered: the socket closes with the channel */
+            else
+                update_watches(ch);
+            return;
+        }
         /* Both ends said they are done, and what the target sent is on its way. */
         if (ch->eof_sent && ch->eof_from_client && ch->in_len == 0 && ch->leftover == 0 &&
             !write_pending(ch)) {
@@ -524,18 +693,14 @@ static int on_data(ssh_session s, ssh_channel channel, void *data, uint32_t len,
     (void)channel;
     if (is_stderr || ch->state == CHAN_DONE)
         return (int)len; /* nothing reads it: discard */
-    int fd = input_fd(ch);
-    if (ch->state == CHAN_SETUP || ch->state == CHAN_CONNECTING || ch->in_len > 0) {
+    if (ch->state == CHAN_SETUP || ch->state == CHAN_CONNECTING || ch->state == CHAN_OPENING ||
+        ch->in_len > 0) {
         ch->leftover = len; /* keep the order: what we hold goes first */
         return 0;
     }
-    if (fd < 0)
-        return (int)len; /* the child's input is closed */
-    ssize_t n = write(fd, data, len);
-    if (n < 0 && errno != EAGAIN && errno != EINTR)
-        return (int)len; /* the child stopped reading for good */
+    ssize_t n = sink_write(ch, data, len);
     if (n < 0)
-        n = 0;
+        return (int)len; /* the child's input is closed: nothing will read it */
     ch->leftover = len - (size_t)n;
     return (int)n;
 }
@@ -554,6 +719,18 @@ static void on_close(ssh_session s, ssh_channel channel, void *ud)
     struct ssh_chan *ch = ud;
     (void)s;
     (void)channel;
+    if (ch->is_socket && (ch->state == CHAN_RUNNING || ch->state == CHAN_OPENING)) {
+        /* A close means the client had confirmed our open, maybe in the same batch of
+         * packets. What it sent before closing still goes to the socket. */
+        if (ch->state == CHAN_OPENING) {
+            free(ch->reverse);
+            ch->reverse = NULL;
+            ch->state = CHAN_RUNNING;
+        }
+        ch->closed_by_client = true;
+        ch->eof_from_client = true;
+        return;
+    }
     hang_up(ch);
     ch->state = CHAN_DONE;
 }
@@ -672,16 +849,55 @@ static int on_exec(ssh_session s, ssh_channel channel, const char *command, void
     return start_process(ch, shell, argv, command);
 }
 
+static void sftp_event(void *ud)
+{
+    struct ssh_chan *ch = ud;
+    if (ch->freeing)
+        return;
+    ssh_conn_after_io(ch->conn); /* services every channel, this one's sftp included */
+}
+
+static void sftp_done(void *ud)
+{
+    struct ssh_chan *ch = ud;
+    ch->sftp = NULL;
+    release_handle(ch);
+}
+
+/* The built-in SFTP server, for images without sftp-server. */
+static int start_sftp(struct ssh_chan *ch)
+{
+    static const struct sftp_server_events ev = {
+        .want_write = sftp_event,
+        .want_input = sftp_event,
+        .failed = sftp_event,
+        .done = sftp_done,
+    };
+    struct sshd *d = ch->conn->d;
+    ch->sftp = sftp_server_new(d->loop, session_dir(d), &ev, ch);
+    if (!ch->sftp)
+        return -1;
+    ch->open_handles++; /* the engine: released by sftp_done */
+    ch->state = CHAN_RUNNING;
+    ch->type = SSHD_TYPE_SSH;
+    d->sessions[ch->type]++;
+    ch->counted = true;
+    return 0;
+}
+
 static int on_subsystem(ssh_session s, ssh_channel channel, const char *subsystem, void *ud)
 {
     struct ssh_chan *ch = ud;
     const char *server = ch->conn->d->cfg->sftp_server;
     (void)s;
     (void)channel;
-    if (ch->state != CHAN_SETUP || strcmp(subsystem, "sftp") != 0 || !server)
+    if (ch->state != CHAN_SETUP || strcmp(subsystem, "sftp") != 0)
         return -1;
-    char *argv[] = {(char *)server, NULL};
-    return start_process(ch, server, argv, NULL);
+    if (server) {
+        char *argv[] = {(char *)server, NULL};
+        return start_process(ch, server, argv, NULL);
+    }
+    return start_sftp(ch);
 }
 
 static struct ssh_chan *chan_new(struct ssh_conn *c, ssh_channel channel)
@@ -727,6 +943,32 @@ ssh_channel ssh_chan_open(struct ssh_conn *c)
     return channel;
 }
 
+int ssh_chan_open_reverse(struct ssh_conn *c, int fd, const struct ssh_reverse *r)
+{
+    ssh_channel channel = ssh_channel_new(c->session);
+    struct ssh_chan *ch = channel ? chan_new(c, channel) : NULL;
+    struct ssh_reverse *copy = malloc(sizeof(*copy));
+    if (!ch || !copy) {
+        free(copy);
+        if (ch)
+            ch->state = CHAN_DONE; /* freed after this I/O, with its channel */
+        else if (channel)
+            ssh_channel_free(channel);
+        close(fd);
+        return -1;
+    }
+    *copy = *r;
+    ch->reverse = copy;
+    ch->is_socket = true;
+    ch->state = CHAN_OPENING;
+    if (fd_watch(ch, &ch->out, fd, false) < 0) {
+        ch->state = CHAN_DONE;
+        return -1;
+    }
+    open_step(ch); /* sends the open; the answer comes with a later pump */
+    return 0;
+}
+
 int ssh_chan_attach_socket(struct ssh_conn *c, ssh_channel channel, int fd, bool connecting)
 {
     struct ssh_chan *ch = chan_new(c, channel);
@@ -756,11 +998,10 @@ void ssh_chan_free(struct ssh_chan *ch)
         }
     c->nchans--;
     hang_up(ch);
-    if (ch->pid > 0) {
+    if (ch->pid > 0)
         proc_reaper_forget(&c->d->reaper, ch->pid);
-        if (ch->state != CHAN_SETUP)
-            c->d->sessions[ch->type]--;
-    }
+    if (ch->counted)
+        c->d->sessions[ch->type]--;
     if (ch->channel) {
         ssh_remove_channel_callbacks(ch->channel, &ch->cb);
         ssh_channel_free(ch->channel);
@@ -769,10 +1010,8 @@ void ssh_chan_free(struct ssh_chan *ch)
     fd_close(&ch->out);
     fd_close(&ch->err);
     fd_close(&ch->in);
-    if (ch->open_handles == 0) {
-        for (unsigned i = 0; i < ch->nenv; i++)
-            free(ch->env[i]);
-        free(ch);
-        ssh_conn_unref(c);
-    }
+    if (ch->sftp)
+        sftp_server_close(ch->sftp); /* sftp_done follows from the loop */
+    if (ch->open_handles == 0)
+        chan_release(ch);
 }

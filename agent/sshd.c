@@ -153,6 +153,8 @@ static void sshd_log_cb(int priority, const char *function, const char *buffer, 
         log_debug("libssh: %s", buffer);
 }
 
+static void on_reaper_closed(struct proc_reaper *r);
+
 struct sshd *sshd_new(uv_loop_t *loop, const struct sshd_config *cfg, char *err, size_t errlen)
 {
     static const char *const default_allow[] = SSHD_DEFAULT_ENV_ALLOW;
@@ -163,6 +165,7 @@ struct sshd *sshd_new(uv_loop_t *loop, const struct sshd_config *cfg, char *err,
     }
     d->loop = loop;
     d->cfg = cfg;
+    d->listen_fd = -1;
     d->env_allow = cfg->env_allow ? cfg->env_allow : default_allow;
     d->child_oom_adj = read_own_oom_adj();
     ssh_set_log_callback(sshd_log_cb); /* libssh's logger is process-wide */
@@ -182,6 +185,12 @@ struct sshd *sshd_new(uv_loop_t *loop, const struct sshd_config *cfg, char *err,
         snprintf(err, errlen, "cannot watch SIGCHLD: %s", uv_strerror(rc));
         goto fail;
     }
+    if (ssh_listen_start(d, err, errlen) < 0) {
+        /* The reaper's handle is closing; the bind and user go with the server. */
+        d->freeing = true;
+        proc_reaper_close(&d->reaper, on_reaper_closed);
+        return NULL;
+    }
     return d;
 fail:
     if (d->bind)
@@ -191,10 +200,15 @@ fail:
     return NULL;
 }
 
-void sshd_set_env(struct sshd *d, json_t *env)
+int sshd_listen_port(const struct sshd *d)
 {
-    json_decref(d->env);
-    d->env = json_is_object(env) ? json_incref(env) : NULL;
+    return d->listen_fd >= 0 ? d->listen_port : 0;
+}
+
+void sshd_set_manifest(struct sshd *d, json_t *manifest)
+{
+    json_decref(d->manifest);
+    d->manifest = json_is_object(manifest) ? json_incref(manifest) : NULL;
 }
 
 unsigned sshd_session_count(const struct sshd *d, enum sshd_session_type type)
@@ -206,8 +220,10 @@ unsigned sshd_session_count(const struct sshd *d, enum sshd_session_type type)
 
 static int auth_none(ssh_session s, const char *user, void *ud)
 {
+    struct ssh_conn *c = ud;
     (void)s;
-    (void)ud;
+    if (c->local)
+        return SSH_AUTH_DENIED; /* the local listener takes public keys only */
     /* The relay authenticated whoever opened this tunnel stream. */
     log_debug("ssh: session for %s over the tunnel", user);
     return SSH_AUTH_SUCCESS;
@@ -225,7 +241,7 @@ static void on_reaper_closed(struct proc_reaper *r)
     struct sshd *d = (struct sshd *)((char *)r - offsetof(struct sshd, reaper));
     void (*done)(void *) = d->done;
     void *arg = d->done_arg;
-    json_decref(d->env);
+    json_decref(d->manifest);
     ssh_bind_free(d->bind);
     free_user(&d->user);
     free(d);
@@ -292,7 +308,6 @@ void ssh_conn_after_io(struct ssh_conn *c)
         return;
     }
     c->in_io++;
-    ssh_forward_service(c);
     for (struct ssh_chan *ch = c->chans; ch; ch = ch->next)
         ssh_chan_service(ch);
     c->in_io--;
@@ -354,8 +369,7 @@ static void on_conn_poll(uv_poll_t *h, int status, int events)
     ssh_conn_pump(c);
 }
 
-/* Starts libssh on fd (the SSH end of the socketpair); on failure closes fd. */
-static int conn_start(struct sshd *d, int fd)
+int ssh_conn_start(struct sshd *d, int fd, bool local)
 {
     struct ssh_conn *c = calloc(1, sizeof(*c));
     if (!c) {
@@ -363,6 +377,7 @@ static int conn_start(struct sshd *d, int fd)
         return -ENOMEM;
     }
     c->d = d;
+    c->local = local;
     c->poll_fd = -1;
     c->session = ssh_new();
     if (!c->session) {
@@ -372,6 +387,7 @@ static int conn_start(struct sshd *d, int fd)
     }
     c->server_cb.userdata = c;
     c->server_cb.auth_none_function = auth_none;
+    c->server_cb.auth_pubkey_function = ssh_auth_pubkey;
     c->server_cb.channel_open_request_session_function = open_session_channel;
     ssh_callbacks_init(&c->server_cb);
     ssh_set_server_callbacks(c->session, &c->server_cb);
@@ -383,7 +399,7 @@ static int conn_start(struct sshd *d, int fd)
         return -EIO;
     }
     /* From here libssh owns fd (ssh_free closes it). */
-    ssh_set_auth_methods(c->session, SSH_AUTH_METHOD_NONE);
+    ssh_set_auth_methods(c->session, local ? SSH_AUTH_METHOD_PUBLICKEY : SSH_AUTH_METHOD_NONE);
     ssh_set_message_callback(c->session, ssh_forward_message, c);
     ssh_set_blocking(c->session, 0);
     c->poll_fd = fcntl(fd, F_DUPFD_CLOEXEC, 0);
@@ -418,7 +434,7 @@ void sshd_serve_stream(struct sshd *d, struct portfwd_shared *pf, struct mux *m,
                                                              : strerror(errno));
         return;
     }
-    int rc = conn_start(d, sv[0]);
+    int rc = ssh_conn_start(d, sv[0], false);
     if (rc < 0) {
         close(sv[1]);
         mux_stream_reject(m, id, PROTO_CODE_INTERNAL, "cannot start an SSH session");
@@ -436,6 +452,7 @@ void sshd_free(struct sshd *d, void (*done)(void *arg), void *arg)
     d->freeing = true;
     d->done = done;
     d->done_arg = arg;
+    ssh_listen_stop(d);
     if (!d->conns) {
         proc_reaper_close(&d->reaper, on_reaper_closed);
         return;

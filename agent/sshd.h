@@ -10,6 +10,10 @@
  *
  * The host key (ed25519) is created once in the state directory, so known_hosts entries
  * stay valid across restarts.
+ *
+ * An optional local listener serves SSH on a TCP port of the workspace itself; those
+ * connections must authenticate with a public key from the authorized keys (never "none",
+ * never a password).
  */
 #ifndef TETHER_SSHD_H
 #define TETHER_SSHD_H
@@ -30,6 +34,11 @@ struct sshd_config {
     const char *state_dir;   /* the host key lives here (created 0700 if missing) */
     const char *sftp_server; /* an external sftp-server to run; NULL: the built-in one */
     const char *workdir;     /* where sessions start; NULL: the user's home */
+    /* The optional local listener (--ssh-listen): public-key auth only, against this file
+     * and the manifest's authorized_keys. NULL: no listener. */
+    const char *listen_host;
+    int listen_port;
+    const char *authorized_keys;
     /* Environment names a client may set, NULL-terminated; "LC_*" style prefixes allowed.
      * NULL: SSHD_DEFAULT_ENV_ALLOW. */
     const char *const *env_allow;
@@ -42,16 +51,24 @@ struct sshd_config {
 struct sshd;
 
 /*
- * Loads or creates the host key and looks up the user the sessions run as. Returns NULL
- * with a one-line reason in err. cfg's strings must outlive the server.
+ * Loads or creates the host key, looks up the user the sessions run as, and starts the
+ * local listener if configured. Returns NULL with a one-line reason in err. cfg's strings
+ * must outlive the server.
  */
 struct sshd *sshd_new(uv_loop_t *loop, const struct sshd_config *cfg, char *err, size_t errlen);
 
 /* Serves a tunnel stream of kind ssh: accepts it, or rejects it with a reason. */
 void sshd_serve_stream(struct sshd *d, struct portfwd_shared *pf, struct mux *m, uint32_t id);
 
-/* Extra environment for every new session (the manifest's "env" object); NULL clears. */
-void sshd_set_env(struct sshd *d, json_t *env);
+/*
+ * The relay's manifest (validated by proto) for sessions started from now on: "env" (extra
+ * environment), "authorized_keys" (keys the local listener accepts besides the file),
+ * "motd" (shown on login shells after /etc/motd), "directory" (where sessions start,
+ * instead of workdir). The server keeps a reference; NULL forgets the last one.
+ */
+void sshd_set_manifest(struct sshd *d, json_t *manifest);
+/* The local listener's port (useful with port 0); 0 without one. */
+int sshd_listen_port(const struct sshd *d);
 
 /* Open session channels by type. */
 unsigned sshd_session_count(const struct sshd *d, enum sshd_session_type type);

@@ -19,6 +19,7 @@
 #include <uv.h>
 
 #include "pty/proc.h"
+#include "sftp.h"
 #include "sshd.h"
 
 /* Limits per connection and per session channel. */
@@ -43,7 +44,10 @@ struct sshd {
     struct sshd_user user;
     struct proc_reaper reaper;
     int child_oom_adj;
-    json_t *env; /* the manifest's extra environment, or NULL */
+    json_t *manifest; /* the relay's last manifest, or NULL */
+    uv_poll_t *listen_poll;
+    int listen_fd; /* the local listener, -1 without one */
+    int listen_port;
     struct ssh_conn *conns;
     unsigned sessions[SSHD_TYPE_COUNT];
     bool freeing;
@@ -51,8 +55,13 @@ struct sshd {
     void *done_arg;
 };
 
-#define SSHD_STDIN_BUF 16384 /* bytes taken from libssh and not yet written to the child */
-#define SSHD_READ_MAX 32768  /* one read of a child's output */
+/*
+ * Client input taken from libssh and not yet written to the child: at most this much.
+ * libssh 0.10 holds at most about 1.9 MB per channel (its window, 1,280,000 bytes, plus
+ * half of it), and the buffer is pulled empty in one read (see flush_input).
+ */
+#define SSHD_STDIN_MAX (4u * 1024 * 1024)
+#define SSHD_READ_MAX 32768 /* one read of a child's output */
 
 /* One descriptor of a session's process, watched on the loop. */
 struct chan_fd {
@@ -66,6 +75,7 @@ struct chan_fd {
 enum chan_state {
     CHAN_SETUP,      /* requests (pty, env) may arrive; nothing runs yet */
     CHAN_CONNECTING, /* a socket channel whose connect is still in progress */
+    CHAN_OPENING,    /* a socket channel we asked the client for, not confirmed yet */
     CHAN_RUNNING,    /* a process runs, or its output is still draining */
     CHAN_DONE,       /* exit status sent and the channel closed, or the client closed it */
 };
@@ -77,8 +87,11 @@ struct ssh_chan {
     struct ssh_channel_callbacks_struct cb;
     enum chan_state state;
     enum sshd_session_type type;
-    bool is_socket; /* a forward: out is a connected socket, both directions */
-    bool eof_sent;  /* socket: its end of file was passed to the client */
+    bool counted;                /* in sshd's sessions[type] */
+    bool is_socket;              /* a forward: out is a connected socket, both directions */
+    struct sftp_server *sftp;    /* the built-in sftp subsystem, instead of a process */
+    struct ssh_reverse *reverse; /* CHAN_OPENING: what we asked the client for */
+    bool eof_sent;               /* socket: its end of file was passed to the client */
     /* Set up by requests before the process starts. */
     bool pty;
     char term[64];
@@ -93,15 +106,15 @@ struct ssh_chan {
     struct chan_fd out, err, in;
     unsigned open_handles;
     /* Client to child: bytes taken from libssh, and bytes libssh holds that we declined. */
-    uint8_t in_buf[SSHD_STDIN_BUF];
-    size_t in_len;
+    uint8_t *in_buf; /* allocated while input waits; freed when it is written */
+    size_t in_cap, in_off, in_len;
     size_t leftover;
     bool eof_from_client;
+    bool closed_by_client; /* socket: deliver what libssh holds, then end */
     bool freeing;
 };
 
 #define SSHD_MAX_LISTENERS 16 /* ssh -R listeners per connection */
-#define SSHD_MAX_PENDING 64   /* accepted connections waiting for the client's channel */
 
 /* A socket in the workspace that the client asked for: ssh -R, or its forwarded agent. */
 struct ssh_listener {
@@ -116,15 +129,13 @@ struct ssh_listener {
     char path[108]; /* agent: the socket's path, in a private directory */
 };
 
-/* An accepted connection whose channel the client has not confirmed yet. */
-struct ssh_pending {
-    struct ssh_pending *next;
-    ssh_channel channel;
-    int fd;
+/* What a channel we open toward the client asks for: ssh -R's forwarded-tcpip, or the
+ * forwarded agent. */
+struct ssh_reverse {
     bool is_agent;
-    char addr[256];
+    char addr[256]; /* the listener's address and port, as the client asked for them */
     int port;
-    char origin[64];
+    char origin[64]; /* who connected */
     int origin_port;
 };
 
@@ -138,6 +149,7 @@ struct ssh_conn {
     int poll_fd; /* a duplicate: libssh closes its own fd on errors */
     int poll_events;
     bool kex_done;
+    bool local;    /* from the local listener: public-key auth required */
     bool dead;     /* the SSH connection is over: tear down */
     bool closing;  /* teardown started */
     int in_io;     /* nesting depth of our own calls into libssh */
@@ -146,11 +158,11 @@ struct ssh_conn {
     unsigned nchans;
     struct ssh_listener *listeners;
     unsigned nlisteners;
-    struct ssh_pending *pending;
-    unsigned npending;
     const char *agent_sock; /* SSH_AUTH_SOCK for sessions, once the client forwards one */
 };
 
+/* Starts an SSH connection on fd (owned from now on, also on failure). 0 or -errno. */
+int ssh_conn_start(struct sshd *d, int fd, bool local);
 /* Drives libssh after a readiness event on the connection's socket. */
 void ssh_conn_pump(struct ssh_conn *c);
 /* Frees what ended and re-arms the socket's poll; call after any libssh call. */
@@ -166,14 +178,28 @@ ssh_channel ssh_chan_open(struct ssh_conn *c);
  */
 int ssh_chan_attach_socket(struct ssh_conn *c, ssh_channel channel, int fd, bool connecting);
 
+/* ssh_listen.c: the local listener and public-key auth. */
+#define SSHD_AUTHORIZED_KEYS_MAX (256u * 1024) /* bytes of an authorized_keys file read */
+int ssh_listen_start(struct sshd *d, char *err, size_t errlen);
+/* A non-blocking listening TCP socket on sa; *bound gets its port. fd or -errno. */
+int ssh_tcp_listen(const struct sockaddr_storage *sa, socklen_t len, int *bound);
+void ssh_listen_stop(struct sshd *d);
+int ssh_auth_pubkey(ssh_session s, const char *user, struct ssh_key_struct *key, char state,
+                    void *ud);
+
+/*
+ * Asks the client for a channel for the accepted socket fd (owned from now on, also on
+ * failure), as r says (copied). The channel carries bytes once the client confirms it; data
+ * the client sends before that waits in libssh. Returns 0 or -1.
+ */
+int ssh_chan_open_reverse(struct ssh_conn *c, int fd, const struct ssh_reverse *r);
+
 /* ssh_forward.c: libssh's message callback: direct-tcpip channels (-L, -D), tcpip-forward
  * and cancel-tcpip-forward (-R). */
 int ssh_forward_message(ssh_session session, ssh_message msg, void *ud);
 /* Starts the agent-forwarding socket of a connection (auth-agent-req). 0 or -1. */
 int ssh_forward_agent(struct ssh_conn *c);
-/* After a pump: channels the client confirmed (or refused) for accepted connections. */
-void ssh_forward_service(struct ssh_conn *c);
-/* Closes every listener and pending connection of a connection that ends. */
+/* Closes every listener of a connection that ends. */
 void ssh_forward_close_all(struct ssh_conn *c);
 /* Resumes the channel's I/O that waited on the SSH side (window, pending writes). */
 void ssh_chan_service(struct ssh_chan *ch);

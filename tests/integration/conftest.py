@@ -11,8 +11,10 @@ import hashlib
 import http.client
 import json
 import os
+import pwd
 import random
 import re
+import shlex
 import shutil
 import signal
 import socket
@@ -767,3 +769,177 @@ def echo_roundtrip(port, nbytes=256 * 1024, seed=7, timeout=30):
     got = result["got"]
     assert len(got) == len(data) and got == data, "echo mismatch: sent %d, got %d bytes" % (
         len(data), len(got))
+
+
+# ---------------------------------------------------------------------------------------
+# SSH: OpenSSH (and other clients) reaching the agent's SSH server through `tether ssh-proxy`
+
+
+SSH_HOST = "tether.alpha"   # the Host entry of SshEnv's ssh_config, for workspace alpha
+SSH_HOST_KEY = "ssh_host_ed25519_key"
+
+_mount_ns = {}
+
+
+def mount_namespace_available():
+    """True if this process may run a child in a private mount namespace with bind mounts
+    (root, and a kernel and container that allow it). Checked once."""
+    if "ok" not in _mount_ns:
+        ok = False
+        if os.geteuid() == 0 and shutil.which("unshare") and os.path.isfile("/etc/motd"):
+            try:
+                r = subprocess.run(
+                    ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
+                     "mount --bind /etc/motd /etc/motd && mount --bind /etc/passwd /etc/passwd"],
+                    stdin=subprocess.DEVNULL, capture_output=True, timeout=10)
+                ok = r.returncode == 0
+            except (OSError, subprocess.TimeoutExpired):
+                ok = False
+        _mount_ns["ok"] = ok
+    return _mount_ns["ok"]
+
+
+class SshEnv:
+    """A relay, an agent for workspace alpha that serves SSH (its host key in a state
+    directory under tmp), and an ssh_config whose `Host tether.alpha` reaches that agent
+    through `tether ssh-proxy` with the admin user's token.
+
+    With isolate=True, and where mount namespaces are available (see `isolated`), the agent
+    runs in a private mount namespace in which /etc/passwd gives its user a home under tmp
+    (`home`) and /etc/motd is a file under tmp (`motd`): sessions never touch the real home
+    directory, and tests decide what the motd says and whether ~/.hushlogin exists. Otherwise
+    sessions run in the user's real home and `motd` is None.
+    """
+
+    def __init__(self, harness, tmp, isolate=True, workspace=WORKSPACES[0]):
+        self.harness = harness
+        self.procs = harness.procs
+        self.tokens = harness.tokens
+        self.workspace = workspace
+        self.host = "tether.%s" % workspace
+        self.tmp = Path(tmp)
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        pw = pwd.getpwuid(os.getuid())
+        self.user, self.shell = pw.pw_name, pw.pw_shell or "/bin/sh"
+        self.isolated = bool(isolate) and mount_namespace_available()
+        if self.isolated:
+            self.home = self.tmp / "home"
+            self.home.mkdir(exist_ok=True)
+            self.motd = self.tmp / "motd"
+            self.motd.write_text("")
+            self._passwd = self.tmp / "passwd"
+            lines = []
+            with open("/etc/passwd") as f:
+                for line in f:
+                    fields = line.rstrip("\n").split(":")
+                    if len(fields) == 7 and fields[2] == str(os.getuid()):
+                        fields[5] = str(self.home)
+                    lines.append(":".join(fields))
+            self._passwd.write_text("\n".join(lines) + "\n")
+        else:
+            self.home = Path(pw.pw_dir)
+            self.motd = None
+        self.relay = harness.relay()
+        self.state_dir = self.tmp / "state"
+        self.agent = self.start_agent()
+        self.config = self.write_config(self.tmp / "ssh_config")
+
+    # -- the agent
+
+    def agent_args(self, state_dir=None, extra=()):
+        args = [self.harness.bin, "agent", "--url", self.relay.url,
+                "--token-file", str(self.tokens.agent_file(self.workspace)),
+                "--state-dir", str(state_dir or self.state_dir)] + [str(a) for a in extra]
+        if self.isolated:
+            args = ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
+                    'mount --bind "$1" /etc/passwd && mount --bind "$2" /etc/motd && '
+                    'shift 2 && exec "$@"', "sh", str(self._passwd), str(self.motd)] + args
+        return args
+
+    def start_agent(self, state_dir=None, extra=()):
+        """Starts an agent (the previous one must be stopped) and waits until the relay
+        lists the workspace as connected. Returns its Proc; its pid is the agent's own
+        (unshare and sh exec it)."""
+        proc = self.procs.start("agent-%s" % self.workspace, self.agent_args(state_dir, extra))
+
+        def up():
+            assert proc.alive(), "agent exited early:\n" + proc.describe()
+            return self.relay.connected(self.workspace)
+        wait_until(up, timeout=20, what="agent %s to connect" % self.workspace)
+        self.agent = proc
+        return proc
+
+    def stop_agent(self):
+        """SIGTERM (SIGKILL after 10 s); waits until the relay lists the workspace offline."""
+        self.agent.terminate(timeout=10)
+        self.agent.kill()
+        wait_until(lambda: not self.relay.connected(self.workspace), timeout=20,
+                   what="the relay to see agent %s go" % self.workspace)
+
+    def restart_agent(self, state_dir=None, extra=()):
+        self.stop_agent()
+        return self.start_agent(state_dir, extra)
+
+    def agent_log(self):
+        return _tail(self.agent.stderr(), 4000)
+
+    # -- clients
+
+    def proxy_command(self, token_file=None):
+        """The argv of `tether ssh-proxy` for this workspace."""
+        return [self.harness.bin, "ssh-proxy", "--url", self.relay.url, "--token-file",
+                str(token_file or self.tokens.user_file()), self.workspace]
+
+    def write_config(self, path, extra_lines=()):
+        """An ssh_config with one Host entry for the workspace; only it is read (-F)."""
+        lines = ["Host %s" % self.host,
+                 "  ProxyCommand %s" % " ".join(shlex.quote(a) for a in self.proxy_command()),
+                 "  StrictHostKeyChecking no",
+                 "  UserKnownHostsFile /dev/null",
+                 "  LogLevel ERROR",
+                 "  BatchMode yes",
+                 "  ControlMaster no",
+                 "  ControlPath none"] + ["  " + l for l in extra_lines]
+        path = Path(path)
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+    def ssh_argv(self, *remote, opts=(), tty=False):
+        argv = ["ssh", "-F", str(self.config)]
+        if tty:
+            argv.append("-tt")
+        for o in opts:
+            argv += ["-o", o]
+        return argv + [self.host] + [str(r) for r in remote]
+
+    def ssh(self, *remote, input=None, opts=(), tty=False, timeout=60, env=None):
+        """Runs ssh to completion; returns CompletedProcess with bytes. input=None gives
+        /dev/null as stdin; a bytes object is fed and then closed (EOF)."""
+        kw = {"input": input} if input is not None else {"stdin": subprocess.DEVNULL}
+        return subprocess.run(self.ssh_argv(*remote, opts=opts, tty=tty), capture_output=True,
+                              timeout=timeout, env=env, **kw)
+
+    def ssh_popen(self, *remote, opts=(), tty=False, env=None, **kw):
+        """ssh as a Popen in a session of its own (the caller reaps it)."""
+        kw.setdefault("stdin", subprocess.DEVNULL)
+        kw.setdefault("stdout", subprocess.PIPE)
+        kw.setdefault("stderr", subprocess.PIPE)
+        return subprocess.Popen(self.ssh_argv(*remote, opts=opts, tty=tty), env=env,
+                                start_new_session=True, **kw)
+
+
+@pytest.fixture
+def ssh_env(harness, tmp_path):
+    """A fresh SshEnv (relay, agent, ssh_config) for one test, isolated where possible."""
+    return SshEnv(harness, tmp_path / "ssh")
+
+
+@pytest.fixture(scope="module")
+def ssh_module_env(request, tether_bin, tmp_path_factory):
+    """An SshEnv shared by a module's tests; its processes end with the module."""
+    tmp = tmp_path_factory.mktemp(request.module.__name__.split(".")[-1] + "-ssh")
+    procs = Procs(tmp / "logs")
+    try:
+        yield SshEnv(Harness(tether_bin, procs, Tokens(tmp / "tokens")), tmp / "ssh")
+    finally:
+        procs.cleanup()

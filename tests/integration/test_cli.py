@@ -9,7 +9,8 @@ import pytest
 
 from conftest import ADMIN, WORKSPACES, Harness, Procs, Tokens, wait_until, write_private
 
-SUBCOMMANDS = ["agent", "relay", "forward", "status", "demo", "version"]
+SUBCOMMANDS = ["agent", "relay", "forward", "status", "demo", "version", "ssh-proxy",
+               "config-ssh", "sftp-server"]
 
 
 def run(tether_bin, *args, timeout=20, env=None):
@@ -44,7 +45,7 @@ def test_top_level_help(tether_bin):
     r = run(tether_bin, "--help")
     assert r.returncode == 0
     assert "usage" in r.stdout.lower()
-    for cmd in ("agent", "relay", "forward", "status", "demo", "version"):
+    for cmd in SUBCOMMANDS:
         assert cmd in r.stdout
 
 
@@ -57,7 +58,7 @@ def test_subcommand_help(tether_bin, cmd):
         assert "usage" in r.stdout.lower() and cmd in r.stdout
 
 
-@pytest.mark.parametrize("cmd", ["agent", "relay", "forward", "status", "demo"])
+@pytest.mark.parametrize("cmd", [c for c in SUBCOMMANDS if c != "version"])
 def test_unknown_option_is_usage_error(tether_bin, cmd):
     r = run(tether_bin, cmd, "--no-such-option")
     assert_usage_error(r)
