@@ -936,3 +936,60 @@ def test_host_key_of_a_fresh_state_dir_differs(ssh_env, tmp_path):
     assert r.returncode == 255
     assert r.stdout == b""
     assert b"Host key verification failed" in r.stderr, r.stderr
+
+
+# ---- processes, garbage, and config-ssh with no flags ----
+
+def test_session_processes_yield_to_the_agent(env):
+    """Children run nicer than the agent and are first for the OOM killer."""
+    pid = env.agent.pid
+    with open("/proc/%d/oom_score_adj" % pid) as f:
+        agent_oom = int(f.read())
+    agent_nice = int(open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()[16])
+    r = env.ssh("cat /proc/self/oom_score_adj; nice")
+    assert r.returncode == 0, r.stderr
+    oom, nice = [int(x) for x in r.stdout.split()]
+    assert oom == min(1000, agent_oom + 100)
+    assert nice == min(19, agent_nice + 5)
+
+
+def test_garbage_from_a_client_hurts_no_one(env):
+    """Bytes that are not SSH end that connection only; no fd is left behind."""
+    pid = env.agent.pid
+
+    def fds():
+        return len(os.listdir("/proc/%d/fd" % pid))
+    env.ssh("true")
+    before = fds()
+    for seed in range(3):
+        junk = random.Random(seed).randbytes(200_000)
+        if seed == 1:
+            junk = b"SSH-2.0-bogus\r\n" + junk  # a banner, then nonsense packets
+        r = subprocess.run(env.proxy_command(), input=junk, capture_output=True, timeout=30)
+        assert r.returncode in (0, 1)
+    wait_until(lambda: fds() <= before, timeout=15, what="the agent's fds to return")
+    assert env.ssh("echo fine").stdout == b"fine\n"
+
+
+def test_config_ssh_then_plain_ssh_with_no_flags(ssh_env):
+    """`tether config-ssh` into the user's real ~/.ssh/config (a private home in a mount
+    namespace), run twice: one block; then `ssh tether.NAME true` with no other flags."""
+    if not ssh_env.isolated:
+        pytest.skip("needs a private mount namespace to give the user a scratch home")
+
+    def in_home(*argv):
+        return subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
+             'mount --bind "$1" /etc/passwd && shift && exec "$@"', "sh",
+             str(ssh_env._passwd)] + [str(a) for a in argv],
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    args = [ssh_env.harness.bin, "config-ssh", "--url", ssh_env.relay.url, "--token-file",
+            str(ssh_env.tokens.user_file())]
+    for _ in range(2):
+        r = in_home(*args)
+        assert r.returncode == 0, r.stderr
+    config = (ssh_env.home / ".ssh" / "config").read_text()
+    assert config.count("START-TETHER") == 1
+    assert "Host %s" % ssh_env.host in config
+    r = in_home("ssh", ssh_env.host, "true")
+    assert r.returncode == 0, r.stderr
