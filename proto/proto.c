@@ -1,5 +1,6 @@
 #include "proto.h"
 
+#include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
 
@@ -222,6 +223,89 @@ static int host_ok(const uint8_t *s, size_t n)
     return 1;
 }
 
+static bool all_zero(const uint8_t *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (p[i])
+            return false;
+    return true;
+}
+
+/* id[16] | rows u16 | cols u16 | options u8 | reserved u8 | cmd_len u16 | command */
+static int pty_open_decode(const uint8_t *p, size_t len, struct proto_open *out)
+{
+    if (len < PROTO_PTY_OPEN_FIXED)
+        return PROTO_E_PAYLOAD;
+    size_t cl = get16(p + 22);
+    if (all_zero(p, PROTO_PTY_ID_SIZE) || (p[20] & ~PROTO_PTY_OPT_ZLIB) || p[21] != 0 ||
+        cl > PROTO_MAX_PTY_COMMAND || len != PROTO_PTY_OPEN_FIXED + cl ||
+        memchr(p + PROTO_PTY_OPEN_FIXED, 0, cl))
+        return PROTO_E_PAYLOAD;
+    memcpy(out->pty_id, p, PROTO_PTY_ID_SIZE);
+    out->rows = get16(p + 16);
+    out->cols = get16(p + 18);
+    out->pty_options = p[20];
+    memcpy(out->command, p + PROTO_PTY_OPEN_FIXED, cl);
+    out->command[cl] = '\0';
+    return 0;
+}
+
+static int pty_open_encode(const struct proto_open *o, uint8_t *out, size_t cap)
+{
+    size_t cl = strnlen(o->command, sizeof(o->command));
+    if (cl > PROTO_MAX_PTY_COMMAND || all_zero(o->pty_id, PROTO_PTY_ID_SIZE) ||
+        (o->pty_options & ~PROTO_PTY_OPT_ZLIB) || cap < 4 + PROTO_PTY_OPEN_FIXED + cl)
+        return PROTO_E_PAYLOAD;
+    uint8_t *b = out + 4;
+    memcpy(b, o->pty_id, PROTO_PTY_ID_SIZE);
+    put16(b + 16, o->rows);
+    put16(b + 18, o->cols);
+    b[20] = o->pty_options;
+    b[21] = 0;
+    put16(b + 22, (uint16_t)cl);
+    memcpy(b + PROTO_PTY_OPEN_FIXED, o->command, cl);
+    return (int)(4 + PROTO_PTY_OPEN_FIXED + cl);
+}
+
+int proto_ptyrec_decode(const uint8_t *p, size_t len, struct proto_ptyrec *out)
+{
+    if (len < PROTO_PTYREC_HEADER)
+        return 0;
+    memset(out, 0, sizeof(*out));
+    out->type = p[0];
+    out->len = get16(p + 1);
+    if (len < PROTO_PTYREC_HEADER + (size_t)out->len)
+        return 0;
+    out->body = p + PROTO_PTYREC_HEADER;
+    switch (out->type) {
+    case PROTO_PTYREC_DATA:
+        if (out->len == 0)
+            return PROTO_E_PAYLOAD;
+        break;
+    case PROTO_PTYREC_RESIZE:
+        if (out->len != 4)
+            return PROTO_E_PAYLOAD;
+        out->rows = get16(out->body);
+        out->cols = get16(out->body + 2);
+        break;
+    case PROTO_PTYREC_EXIT:
+        if (out->len != 2 || out->body[0] > 1)
+            return PROTO_E_PAYLOAD;
+        out->exit_how = out->body[0];
+        out->exit_value = out->body[1];
+        break;
+    default:
+        break; /* a later version's record: the caller skips it */
+    }
+    return (int)(PROTO_PTYREC_HEADER + out->len);
+}
+
+void proto_ptyrec_header(uint8_t type, uint16_t len, uint8_t *out)
+{
+    out[0] = type;
+    put16(out + 1, len);
+}
+
 int proto_open_decode(const uint8_t *p, size_t len, struct proto_open *out)
 {
     if (len < 4 || len > PROTO_MAX_OPEN)
@@ -247,6 +331,8 @@ int proto_open_decode(const uint8_t *p, size_t len, struct proto_open *out)
     }
     case PROTO_KIND_SSH:
         return len == 0 ? 0 : PROTO_E_PAYLOAD;
+    case PROTO_KIND_PTY:
+        return pty_open_decode(p, len, out);
     default:
         return PROTO_E_KIND;
     }
@@ -271,6 +357,8 @@ int proto_open_encode(const struct proto_open *o, uint8_t *out, size_t cap)
     }
     case PROTO_KIND_SSH:
         return 4;
+    case PROTO_KIND_PTY:
+        return pty_open_encode(o, out, cap);
     default:
         return PROTO_E_KIND;
     }

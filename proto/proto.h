@@ -129,19 +129,55 @@ size_t proto_hello_encode(const struct proto_hello *h, uint8_t *out);
 enum proto_kind {
     PROTO_KIND_TCP = 1, /* a TCP connection to host:port as seen from the agent */
     PROTO_KIND_SSH = 2, /* an SSH connection to the agent's built-in server */
-    PROTO_KIND_PTY = 3, /* reserved for reconnecting PTYs */
+    PROTO_KIND_PTY = 3, /* a reconnecting PTY, by id (PROTOCOL.md 3.2) */
 };
+#define PROTO_PTY_ID_SIZE 16u       /* a UUID's bytes, chosen by the client */
+#define PROTO_MAX_PTY_COMMAND 4096u /* bytes of a pty OPEN's command */
+#define PROTO_PTY_OPT_ZLIB 0x01u    /* the stream's DATA is a zlib stream each way */
+#define PROTO_PTY_OPEN_FIXED 24u    /* a pty body without its command */
 struct proto_open {
     uint8_t kind;
     uint8_t flags; /* reserved, zero */
     /* PROTO_KIND_TCP */
     uint16_t port;
     char host[PROTO_MAX_HOST + 1]; /* NUL-terminated copy */
+    /* PROTO_KIND_PTY */
+    uint8_t pty_id[PROTO_PTY_ID_SIZE];       /* never all zero */
+    uint16_t rows, cols;                     /* as sent; the agent clamps them */
+    uint8_t pty_options;                     /* PROTO_PTY_OPT_* */
+    char command[PROTO_MAX_PTY_COMMAND + 1]; /* NUL-terminated; "" = the login shell */
 };
 /* Returns 0, PROTO_E_PAYLOAD, or PROTO_E_KIND (well-formed but unknown kind). */
 int proto_open_decode(const uint8_t *p, size_t len, struct proto_open *out);
 /* Returns the bytes written (at most PROTO_MAX_OPEN) or PROTO_E_PAYLOAD. */
 int proto_open_encode(const struct proto_open *o, uint8_t *out, size_t cap);
+
+/*
+ * Records inside a pty stream's bytes (after zlib, if the stream uses it): type u8, length
+ * u16, body. A record may span DATA frames; the receiver reassembles.
+ */
+enum proto_ptyrec_type {
+    PROTO_PTYREC_DATA = 1,   /* terminal input (to the agent) or output (from it), 1..65535 */
+    PROTO_PTYREC_RESIZE = 2, /* to the agent: rows u16, cols u16 */
+    PROTO_PTYREC_EXIT = 3,   /* from the agent: how u8 (0 exit code, 1 signal), value u8 */
+};
+#define PROTO_PTYREC_HEADER 3u
+#define PROTO_PTYREC_MAX_BODY 65535u
+struct proto_ptyrec {
+    uint8_t type;                 /* may be one this version does not know: skip it */
+    uint16_t len;                 /* of the body */
+    const uint8_t *body;          /* borrowed from the input */
+    uint16_t rows, cols;          /* RESIZE */
+    uint8_t exit_how, exit_value; /* EXIT */
+};
+/*
+ * Decodes one record from p. Returns the bytes it takes (header + body), 0 if p holds only
+ * part of it, or PROTO_E_PAYLOAD for a known type with a wrong body (empty DATA, RESIZE not
+ * 4 bytes, EXIT not 2 bytes or how > 1).
+ */
+int proto_ptyrec_decode(const uint8_t *p, size_t len, struct proto_ptyrec *out);
+/* Writes a record's 3-byte header. */
+void proto_ptyrec_header(uint8_t type, uint16_t len, uint8_t *out);
 
 /* OPEN_FAIL and RST: code u32 + text. GOAWAY: last_stream u32 + code u32 + text. */
 struct proto_reason {

@@ -54,18 +54,39 @@ static void check_open(const uint8_t *p, size_t len)
     int rc = proto_open_decode(p, len, &o);
     CHECK(rc == 0 || rc == PROTO_E_PAYLOAD || rc == PROTO_E_KIND);
     if (rc == PROTO_E_KIND)
-        CHECK(o.kind != PROTO_KIND_TCP && o.kind != PROTO_KIND_SSH);
+        CHECK(o.kind != PROTO_KIND_TCP && o.kind != PROTO_KIND_SSH && o.kind != PROTO_KIND_PTY);
     if (rc != 0)
         return;
-    CHECK(o.kind == PROTO_KIND_TCP || o.kind == PROTO_KIND_SSH);
+    CHECK(o.kind == PROTO_KIND_TCP || o.kind == PROTO_KIND_SSH || o.kind == PROTO_KIND_PTY);
     CHECK(o.flags == 0);
     if (o.kind == PROTO_KIND_TCP)
         CHECK(o.port != 0 && strlen(o.host) >= 1 && strlen(o.host) <= PROTO_MAX_HOST);
+    if (o.kind == PROTO_KIND_PTY)
+        CHECK(strlen(o.command) <= PROTO_MAX_PTY_COMMAND && !(o.pty_options & ~PROTO_PTY_OPT_ZLIB));
 
     uint8_t buf[PROTO_MAX_OPEN];
     int n = proto_open_encode(&o, buf, sizeof(buf));
     CHECK(n >= 0 && (size_t)n == len);
     CHECK(memcmp(buf, p, len) == 0);
+}
+
+/* pty stream records, back to back: each decodes to a length within the input, or waits. */
+static void check_ptyrecs(const uint8_t *p, size_t len)
+{
+    while (len > 0) {
+        struct proto_ptyrec r;
+        int n = proto_ptyrec_decode(p, len, &r);
+        CHECK(n == 0 || n == PROTO_E_PAYLOAD ||
+              (n >= (int)PROTO_PTYREC_HEADER && (size_t)n <= len));
+        if (n <= 0)
+            return;
+        CHECK((size_t)n == PROTO_PTYREC_HEADER + r.len && r.body == p + PROTO_PTYREC_HEADER);
+        uint8_t hdr[PROTO_PTYREC_HEADER];
+        proto_ptyrec_header(r.type, r.len, hdr);
+        CHECK(memcmp(hdr, p, PROTO_PTYREC_HEADER) == 0);
+        p += n;
+        len -= (size_t)n;
+    }
 }
 
 /* Re-encodes a decoded reason; text has no NUL (a control character), so it can be a C string. */
@@ -195,6 +216,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     /* The payload decoders on their own, at any length. */
     check_hello(data, size);
     check_open(data, size);
+    check_ptyrecs(data, size);
     check_reason(data, size, 0);
     check_reason(data, size, 1);
     check_credit(data, size);

@@ -62,7 +62,11 @@ FRAME_SEEDS = {
     "open_tcp": open_tcp(2, "127.0.0.1", 8080),
     "open_tcp_v6_zone": open_tcp(4, "fe80::1%eth0", 22),
     "open_ssh": open_kind(1, SSH),
-    "open_unknown_kind": open_kind(6, PTY, b"\x00\x01\x00\x18\x00\x50"),
+    "open_unknown_kind": open_kind(6, 4, b"\x00\x01\x00\x18\x00\x50"),
+    "open_pty": open_kind(8, PTY, bytes(range(1, 17)) + struct.pack(">HHBBH", 24, 80, 1, 0, 3)
+                          + b"top"),
+    "pty_records": frame(DATA, 8, b"\x01\x00\x02hi" + b"\x02\x00\x04\x00\x32\x00\x84"
+                         + b"\x03\x00\x02\x00\x00"),
     "stream_exchange": frame(OPEN_OK, 2) + frame(DATA, 2, b"GET / HTTP/1.0\r\n\r\n")
     + frame(CREDIT, 2, struct.pack(">Q", 262144 + 18)) + frame(DATA, 2, b"", FIN),
     "open_fail": reason(OPEN_FAIL, 2, 4, "connection refused"),

@@ -528,7 +528,7 @@ static void test_open_encode_rejects(void **state)
     assert_int_equal(proto_open_encode(&o, buf, 7 + 9), 16);
     assert_int_equal(proto_open_encode(&o, buf, 3), PROTO_E_PAYLOAD);
     /* unknown kinds are not encoded */
-    o.kind = PROTO_KIND_PTY;
+    o.kind = 4;
     assert_true(proto_open_encode(&o, buf, sizeof(buf)) < 0);
     o.kind = 0;
     assert_true(proto_open_encode(&o, buf, sizeof(buf)) < 0);
@@ -537,7 +537,7 @@ static void test_open_encode_rejects(void **state)
 static void test_open_unknown_kind(void **state)
 {
     (void)state;
-    const uint8_t kinds[] = {0, PROTO_KIND_PTY, 4, 0x7f, 0xff};
+    const uint8_t kinds[] = {0, 4, 0x7f, 0xff};
     uint8_t p[32] = {0};
     struct proto_open d;
     for (size_t i = 0; i < sizeof(kinds); i++) {
@@ -547,6 +547,115 @@ static void test_open_unknown_kind(void **state)
         assert_int_equal(proto_open_decode(p, sizeof(p), &d), PROTO_E_KIND);
         assert_int_equal(d.kind, kinds[i]);
     }
+}
+
+/* A valid pty OPEN: kind 3, id 01..10, 24x80, zlib, command "top". */
+static size_t pty_open_bytes(uint8_t *p)
+{
+    static const uint8_t head[4] = {PROTO_KIND_PTY, 0, 0, 0};
+    memcpy(p, head, 4);
+    for (int i = 0; i < 16; i++)
+        p[4 + i] = (uint8_t)(i + 1);
+    const uint8_t rest[] = {0, 24, 0, 80, PROTO_PTY_OPT_ZLIB, 0, 0, 3, 't', 'o', 'p'};
+    memcpy(p + 20, rest, sizeof(rest));
+    return 20 + sizeof(rest);
+}
+
+static void test_open_pty_roundtrip(void **state)
+{
+    (void)state;
+    uint8_t p[64], q[64];
+    size_t n = pty_open_bytes(p);
+    struct proto_open d;
+    assert_int_equal(proto_open_decode(p, n, &d), 0);
+    assert_int_equal(d.kind, PROTO_KIND_PTY);
+    assert_int_equal(d.rows, 24);
+    assert_int_equal(d.cols, 80);
+    assert_int_equal(d.pty_options, PROTO_PTY_OPT_ZLIB);
+    assert_string_equal(d.command, "top");
+    assert_int_equal(d.pty_id[0], 1);
+    assert_int_equal(d.pty_id[15], 16);
+    assert_int_equal(proto_open_encode(&d, q, sizeof(q)), (int)n);
+    assert_memory_equal(p, q, n);
+    /* An empty command: the login shell. Absurd sizes are the agent's to clamp. */
+    p[20] = p[21] = p[22] = p[23] = 0;
+    p[26] = p[27] = 0;
+    assert_int_equal(proto_open_decode(p, 28, &d), 0);
+    assert_string_equal(d.command, "");
+    assert_int_equal(d.rows, 0);
+    /* Encoding needs room for all of it. */
+    assert_int_equal(proto_open_encode(&d, q, 27), PROTO_E_PAYLOAD);
+}
+
+static void test_open_pty_malformed(void **state)
+{
+    (void)state;
+    uint8_t p[64];
+    struct proto_open d;
+    size_t n = pty_open_bytes(p);
+    for (size_t k = 4; k < n; k++) /* every truncation, and one byte too many */
+        assert_int_equal(proto_open_decode(p, k, &d), PROTO_E_PAYLOAD);
+    assert_int_equal(proto_open_decode(p, n + 1, &d), PROTO_E_PAYLOAD);
+    n = pty_open_bytes(p);
+    memset(p + 4, 0, 16); /* an all-zero id */
+    assert_int_equal(proto_open_decode(p, n, &d), PROTO_E_PAYLOAD);
+    n = pty_open_bytes(p);
+    p[24] = 0x02; /* an option this version does not know */
+    assert_int_equal(proto_open_decode(p, n, &d), PROTO_E_PAYLOAD);
+    n = pty_open_bytes(p);
+    p[25] = 1; /* reserved */
+    assert_int_equal(proto_open_decode(p, n, &d), PROTO_E_PAYLOAD);
+    n = pty_open_bytes(p);
+    p[27] = 4; /* cmd_len lies */
+    assert_int_equal(proto_open_decode(p, n, &d), PROTO_E_PAYLOAD);
+    n = pty_open_bytes(p);
+    p[29] = 0; /* a NUL inside the command */
+    assert_int_equal(proto_open_decode(p, n, &d), PROTO_E_PAYLOAD);
+    /* A command longer than PROTO_MAX_PTY_COMMAND. */
+    uint8_t big[PROTO_MAX_OPEN];
+    memset(big, 'x', sizeof(big));
+    pty_open_bytes(big);
+    big[26] = (PROTO_MAX_PTY_COMMAND + 1) >> 8;
+    big[27] = (PROTO_MAX_PTY_COMMAND + 1) & 0xff;
+    assert_int_equal(proto_open_decode(big, 28 + PROTO_MAX_PTY_COMMAND + 1, &d), PROTO_E_PAYLOAD);
+    big[26] = PROTO_MAX_PTY_COMMAND >> 8;
+    big[27] = PROTO_MAX_PTY_COMMAND & 0xff;
+    assert_int_equal(proto_open_decode(big, 28 + PROTO_MAX_PTY_COMMAND, &d), 0);
+    assert_int_equal(strlen(d.command), PROTO_MAX_PTY_COMMAND);
+}
+
+static void test_ptyrec(void **state)
+{
+    (void)state;
+    struct proto_ptyrec r;
+    uint8_t b[16];
+    proto_ptyrec_header(PROTO_PTYREC_DATA, 2, b);
+    b[3] = 'h';
+    b[4] = 'i';
+    for (size_t k = 0; k < 5; k++) /* a record split anywhere waits for the rest */
+        assert_int_equal(proto_ptyrec_decode(b, k, &r), 0);
+    assert_int_equal(proto_ptyrec_decode(b, 5, &r), 5);
+    assert_int_equal(r.type, PROTO_PTYREC_DATA);
+    assert_memory_equal(r.body, "hi", 2);
+    const uint8_t resize[] = {PROTO_PTYREC_RESIZE, 0, 4, 0, 50, 0, 132, 0xee};
+    assert_int_equal(proto_ptyrec_decode(resize, sizeof(resize), &r), 7);
+    assert_int_equal(r.rows, 50);
+    assert_int_equal(r.cols, 132);
+    const uint8_t exit_sig[] = {PROTO_PTYREC_EXIT, 0, 2, 1, 9};
+    assert_int_equal(proto_ptyrec_decode(exit_sig, sizeof(exit_sig), &r), 5);
+    assert_int_equal(r.exit_how, 1);
+    assert_int_equal(r.exit_value, 9);
+    /* Malformed known records. */
+    const uint8_t empty_data[] = {PROTO_PTYREC_DATA, 0, 0};
+    assert_int_equal(proto_ptyrec_decode(empty_data, 3, &r), PROTO_E_PAYLOAD);
+    const uint8_t short_resize[] = {PROTO_PTYREC_RESIZE, 0, 3, 0, 1, 2};
+    assert_int_equal(proto_ptyrec_decode(short_resize, 6, &r), PROTO_E_PAYLOAD);
+    const uint8_t bad_exit[] = {PROTO_PTYREC_EXIT, 0, 2, 2, 0};
+    assert_int_equal(proto_ptyrec_decode(bad_exit, 5, &r), PROTO_E_PAYLOAD);
+    /* An unknown type is handed over whole, to be skipped. */
+    const uint8_t later[] = {0x40, 0, 1, 7};
+    assert_int_equal(proto_ptyrec_decode(later, 4, &r), 4);
+    assert_int_equal(r.type, 0x40);
 }
 
 static void test_open_ssh_trailing(void **state)
@@ -1151,6 +1260,9 @@ int main(void)
         cmocka_unit_test(test_open_tcp_host_chars),
         cmocka_unit_test(test_open_encode_rejects),
         cmocka_unit_test(test_open_unknown_kind),
+        cmocka_unit_test(test_open_pty_roundtrip),
+        cmocka_unit_test(test_open_pty_malformed),
+        cmocka_unit_test(test_ptyrec),
         cmocka_unit_test(test_open_ssh_trailing),
         cmocka_unit_test(test_reason_round_trip),
         cmocka_unit_test(test_goaway_round_trip),
