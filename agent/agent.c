@@ -8,6 +8,7 @@
 #include <jansson.h>
 
 #include "portfwd.h"
+#include "ptystream.h"
 #include "stream.h"
 #include "tunnel/log.h"
 
@@ -15,12 +16,31 @@ struct agent {
     uv_loop_t *loop;
     struct dial *dial;
     struct sshd *sshd;
+    struct rpty_registry ptys; /* only with sshd: it shares the reaper */
     struct portfwd_shared pf;
     void (*done)(void *);
     void *done_arg;
     void (*on_shutdown)(void *);
     void *shutdown_arg;
 };
+
+static void open_pty(struct agent *a, struct mux *m, uint32_t id, const struct proto_open *o)
+{
+    char **envp = sshd_pty_env(a->sshd, "xterm-256color");
+    if (!envp) {
+        mux_stream_reject(m, id, PROTO_CODE_INTERNAL, "out of memory");
+        return;
+    }
+    struct ptystream_env env = {
+        .shell = sshd_shell(a->sshd),
+        .envp = envp,
+        .cwd = sshd_session_dir(a->sshd),
+        .oom_score_adj = sshd_child_oom_adj(a->sshd),
+        .nice = SSHD_CHILD_NICE_DELTA,
+    };
+    ptystream_open(&a->ptys, &env, m, id, o);
+    sshd_pty_env_free(envp);
+}
 
 static void on_stream_opened(void *ud, uint32_t id, const struct proto_open *o)
 {
@@ -35,6 +55,12 @@ static void on_stream_opened(void *ud, uint32_t id, const struct proto_open *o)
             sshd_serve_stream(a->sshd, &a->pf, m, id);
         else
             mux_stream_reject(m, id, PROTO_CODE_UNSUPPORTED, "this agent serves no SSH");
+        break;
+    case PROTO_KIND_PTY:
+        if (a->sshd)
+            open_pty(a, m, id, o);
+        else
+            mux_stream_reject(m, id, PROTO_CODE_UNSUPPORTED, "this agent serves no PTYs");
         break;
     default:
         mux_stream_reject(m, id, PROTO_CODE_UNSUPPORTED, "stream kind not served");
@@ -107,8 +133,10 @@ static void on_connected(void *ud, struct mux *m)
         json_pack("{s:s, s:s, s:s, s:s, s:s, s:[s]}", "type", "hello", "version", TETHER_VERSION,
                   "os", "linux", "arch", u.machine[0] ? u.machine : "unknown", "hostname", host,
                   "capabilities", "tcp");
-    if (hello && a->sshd)
+    if (hello && a->sshd) {
         json_array_append_new(json_object_get(hello, "capabilities"), json_string("ssh"));
+        json_array_append_new(json_object_get(hello, "capabilities"), json_string("pty"));
+    }
     if (hello)
         dial_send_control(a->dial, hello);
     json_decref(hello);
@@ -135,12 +163,18 @@ static const struct dial_events agent_dial_events = {
 };
 
 struct agent *agent_new(uv_loop_t *loop, const struct dial_config *cfg, struct sshd *sshd,
-                        void (*on_shutdown)(void *arg), void *arg)
+                        const struct rpty_config *pty_cfg, void (*on_shutdown)(void *arg),
+                        void *arg)
 {
     struct agent *a = calloc(1, sizeof(*a));
     if (!a)
         return NULL;
     a->sshd = sshd;
+    if (sshd) {
+        struct rpty_config def;
+        rpty_config_default(&def);
+        rpty_registry_init(&a->ptys, loop, sshd_reaper(sshd), pty_cfg ? pty_cfg : &def);
+    }
     a->on_shutdown = on_shutdown;
     a->shutdown_arg = arg;
     a->loop = loop;
@@ -172,10 +206,12 @@ static void on_sshd_freed(void *arg)
 static void on_dial_stopped(void *arg)
 {
     struct agent *a = arg;
-    if (a->sshd)
+    if (a->sshd) {
+        rpty_registry_close(&a->ptys); /* every stream is gone: no attachment is left */
         sshd_free(a->sshd, on_sshd_freed, a);
-    else
+    } else {
         on_sshd_freed(a);
+    }
 }
 
 void agent_stop(struct agent *a, void (*done)(void *arg), void *arg)

@@ -27,6 +27,11 @@ static const char agent_usage[] =
     "                             authenticate with a key from --authorized-keys or the\n"
     "                             manifest (never a password); off by default\n"
     "  --authorized-keys FILE     public keys (OpenSSH format) for --ssh-listen\n"
+    "  --pty-ttl DURATION         end a reconnecting PTY nobody is attached to after this\n"
+    "                             long (default 5m)\n"
+    "  --pty-replay BYTES         output kept per PTY for reattaching clients (default\n"
+    "                             262144; 1024..67108864)\n"
+    "  --max-ptys N               reconnecting PTYs at once (default 32)\n"
     "  --ssh-accept-env LIST      environment names SSH clients may set, comma-separated,\n"
     "                             '*' wildcards allowed (default LANG,LC_*,TERM,\n"
     "                             TETHER_SESSION_TYPE)\n"
@@ -93,6 +98,35 @@ static int parse_env_allow(const char *arg, struct env_allow *out)
     return 0;
 }
 
+/* --pty-ttl, --pty-replay, --max-ptys. */
+static int pty_option(int c, const char *arg, struct rpty_config *cfg)
+{
+    char *end;
+    if (c == 'P') {
+        if (cli_duration_ms(arg, &cfg->ttl_ms) < 0 || cfg->ttl_ms < 1000 ||
+            cfg->ttl_ms > 7 * 24 * 3600 * 1000ull) {
+            cli_error("bad --pty-ttl '%s' (e.g. 30s, 5m, 2h; from 1s to 7 days)", arg);
+            return -1;
+        }
+        return 0;
+    }
+    unsigned long long v = strtoull(arg, &end, 10);
+    if (c == 'R') {
+        if (end == arg || *end || v < RING_MIN_CAP || v > RING_MAX_CAP) {
+            cli_error("bad --pty-replay '%s' (bytes, %u..%u)", arg, RING_MIN_CAP, RING_MAX_CAP);
+            return -1;
+        }
+        cfg->ring_size = (size_t)v;
+        return 0;
+    }
+    if (end == arg || *end || v < 1 || v > 4096) {
+        cli_error("bad --max-ptys '%s' (1..4096)", arg);
+        return -1;
+    }
+    cfg->max_sessions = (unsigned)v;
+    return 0;
+}
+
 int cmd_agent(int argc, char **argv)
 {
     static const struct option opts[] = {{"state-dir", required_argument, NULL, 'S'},
@@ -100,11 +134,16 @@ int cmd_agent(int argc, char **argv)
                                          {"ssh-listen", required_argument, NULL, 'l'},
                                          {"authorized-keys", required_argument, NULL, 'K'},
                                          {"ssh-accept-env", required_argument, NULL, 'E'},
+                                         {"pty-ttl", required_argument, NULL, 'P'},
+                                         {"pty-replay", required_argument, NULL, 'R'},
+                                         {"max-ptys", required_argument, NULL, 'M'},
                                          CLI_OPTS_CLIENT,
                                          CLI_OPTS_KEEPALIVE,
                                          CLI_OPTS_END};
     struct sshd_config sc = {0};
     struct env_allow env_allow;
+    struct rpty_config pty_cfg;
+    rpty_config_default(&pty_cfg);
     char state_dir[4096], listen_host[256];
     struct cli_client cc;
     memset(&cc, 0, sizeof(cc));
@@ -130,6 +169,11 @@ int cmd_agent(int argc, char **argv)
                 return EXIT_USAGE;
             }
             sc.listen_host = listen_host;
+            continue;
+        }
+        if (c == 'P' || c == 'R' || c == 'M') {
+            if (pty_option(c, optarg, &pty_cfg) < 0)
+                return EXIT_USAGE;
             continue;
         }
         if (c == 'E') {
@@ -201,7 +245,7 @@ int cmd_agent(int argc, char **argv)
         cli_client_free(&cc);
         return EXIT_FAIL;
     }
-    run.agent = agent_new(&run.rt.loop, &dc, sshd, on_relay_shutdown, &run);
+    run.agent = agent_new(&run.rt.loop, &dc, sshd, &pty_cfg, on_relay_shutdown, &run);
     if (!run.agent) {
         sshd_free(sshd, NULL, NULL);
         cli_error("out of memory");

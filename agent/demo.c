@@ -219,7 +219,7 @@ static int demo_run(struct demo *d, const char *listen, const char *name)
     if (!sshd)
         log_warn("SSH is off: %s", err);
     if (url_parse(url, &dc.url, err, sizeof(err)) < 0 ||
-        !(d->agent = agent_new(&d->rt.loop, &dc, sshd, NULL, NULL))) {
+        !(d->agent = agent_new(&d->rt.loop, &dc, sshd, NULL, NULL, NULL))) {
         if (sshd)
             sshd_free(sshd, NULL, NULL);
         cli_error("cannot start the agent");

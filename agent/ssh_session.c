@@ -178,9 +178,9 @@ static void env_free(struct envb *e)
     e->n = 0;
 }
 
-static void build_env(struct ssh_chan *ch, const char *tty, struct envb *e)
+/* What every session gets: the user, PATH, and the manifest's env (set last by callers). */
+static void base_env(const struct sshd *d, struct envb *e)
 {
-    struct sshd *d = ch->conn->d;
     const char *path = getenv("PATH");
     e->n = 0;
     e->v[0] = NULL;
@@ -189,6 +189,20 @@ static void build_env(struct ssh_chan *ch, const char *tty, struct envb *e)
     env_set(e, "HOME", d->user.home);
     env_set(e, "SHELL", d->user.shell);
     env_set(e, "PATH", path && path[0] ? path : DEFAULT_PATH);
+}
+
+static void manifest_env(const struct sshd *d, struct envb *e)
+{
+    json_t *menv = json_object_get(d->manifest, "env");
+    const char *k;
+    json_t *v;
+    json_object_foreach(menv, k, v) if (json_is_string(v)) env_set(e, k, json_string_value(v));
+}
+
+static void build_env(struct ssh_chan *ch, const char *tty, struct envb *e)
+{
+    struct sshd *d = ch->conn->d;
+    base_env(d, e);
     /* A tunnel stream has no client address of its own; the relay is the peer. */
     env_set(e, "SSH_CONNECTION", "127.0.0.1 0 127.0.0.1 0");
     env_set(e, "SSH_CLIENT", "127.0.0.1 0 0");
@@ -198,12 +212,7 @@ static void build_env(struct ssh_chan *ch, const char *tty, struct envb *e)
         env_set(e, "SSH_AUTH_SOCK", ch->conn->agent_sock);
     if (ch->pty)
         env_set(e, "TERM", ch->term[0] ? ch->term : "xterm");
-    json_t *menv = json_object_get(d->manifest, "env");
-    if (menv) {
-        const char *k;
-        json_t *v;
-        json_object_foreach(menv, k, v) if (json_is_string(v)) env_set(e, k, json_string_value(v));
-    }
+    manifest_env(d, e);
     for (unsigned i = 0; i < ch->nenv; i++)
         env_put(e, ch->env[i]);
 }
@@ -255,7 +264,7 @@ static int start_process(struct ssh_chan *ch, const char *path, char *const *arg
         .use_pty = ch->pty,
         .pty_master = -1,
         .pty_slave = -1,
-        .nice = SSHD_CHILD_NICE,
+        .nice = SSHD_CHILD_NICE_DELTA,
         .oom_score_adj = d->child_oom_adj,
     };
     int rc = 0;
@@ -1014,4 +1023,44 @@ void ssh_chan_free(struct ssh_chan *ch)
         sftp_server_close(ch->sftp); /* sftp_done follows from the loop */
     if (ch->open_handles == 0)
         chan_release(ch);
+}
+
+char **sshd_pty_env(const struct sshd *d, const char *term)
+{
+    struct envb *e = malloc(sizeof(*e));
+    if (!e)
+        return NULL;
+    base_env(d, e);
+    env_set(e, "TERM", term);
+    env_set(e, "TETHER_SESSION_TYPE", "pty");
+    manifest_env(d, e);
+    char **v = calloc(e->n + 1, sizeof(char *));
+    if (v)
+        memcpy(v, e->v, e->n * sizeof(char *));
+    else
+        env_free(e);
+    free(e);
+    return v;
+}
+
+void sshd_pty_env_free(char **env)
+{
+    for (char **p = env; p && *p; p++)
+        free(*p);
+    free(env);
+}
+
+const char *sshd_shell(const struct sshd *d)
+{
+    return d->user.shell;
+}
+
+const char *sshd_session_dir(const struct sshd *d)
+{
+    return session_dir(d);
+}
+
+int sshd_child_oom_adj(const struct sshd *d)
+{
+    return d->child_oom_adj;
 }

@@ -462,3 +462,8 @@ void sshd_free(struct sshd *d, void (*done)(void *arg), void *arg)
         conn_teardown(c);
     }
 }
+
+struct proc_reaper *sshd_reaper(struct sshd *d)
+{
+    return &d->reaper;
+}

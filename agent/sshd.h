@@ -30,6 +30,10 @@
 /* Counted per type for the activity statistics. */
 enum sshd_session_type { SSHD_TYPE_SSH, SSHD_TYPE_VSCODE, SSHD_TYPE_JETBRAINS, SSHD_TYPE_COUNT };
 
+/* Session processes yield to the agent: nicer, and first in line for the OOM killer. */
+#define SSHD_CHILD_NICE_DELTA 5
+#define SSHD_CHILD_OOM_ADJ_DELTA 100
+
 struct sshd_config {
     const char *state_dir;   /* the host key lives here (created 0700 if missing) */
     const char *sftp_server; /* an external sftp-server to run; NULL: the built-in one */
@@ -69,6 +73,17 @@ void sshd_serve_stream(struct sshd *d, struct portfwd_shared *pf, struct mux *m,
 void sshd_set_manifest(struct sshd *d, json_t *manifest);
 /* The local listener's port (useful with port 0); 0 without one. */
 int sshd_listen_port(const struct sshd *d);
+
+/* For reconnecting PTYs, which start their processes as SSH sessions do: the session
+ * environment with TERM (free with sshd_pty_env_free), the login shell, the directory, the
+ * children's oom_score_adj. */
+char **sshd_pty_env(const struct sshd *d, const char *term);
+void sshd_pty_env_free(char **env);
+const char *sshd_shell(const struct sshd *d);
+const char *sshd_session_dir(const struct sshd *d);
+int sshd_child_oom_adj(const struct sshd *d);
+/* The reaper of the agent's children (shared by SSH sessions and PTYs). */
+struct proc_reaper *sshd_reaper(struct sshd *d);
 
 /* Open session channels by type. */
 unsigned sshd_session_count(const struct sshd *d, enum sshd_session_type type);

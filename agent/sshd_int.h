@@ -28,9 +28,6 @@
 #define SSHD_MAX_ENV_BYTES 4096 /* name=value of one variable */
 #define SSHD_PUMP_ROUNDS 64     /* ssh_event_dopoll calls per wake-up (4 KiB read each) */
 #define SSHD_MOTD_MAX 16384     /* bytes of /etc/motd shown */
-/* Session processes yield to the agent: nicer, and first in line for the OOM killer. */
-#define SSHD_CHILD_NICE 5
-#define SSHD_CHILD_OOM_ADJ_DELTA 100
 
 struct sshd_user {
     char *name, *home, *shell;

@@ -59,7 +59,8 @@ enum proto_type {
 enum proto_code {
     PROTO_CODE_OK = 0,
     PROTO_CODE_PROTOCOL = 1,     /* the peer broke a rule of PROTOCOL.md */
-    PROTO_CODE_FLOW = 2,         /* DATA beyond credit, or credit beyond the window */
+    PROTO_CODE_FLOW = 2,         /* DATA beyond credit, credit beyond the window, or a reader
+                                  * too slow to keep up (a dropped PTY attachment) */
     PROTO_CODE_STREAM_LIMIT = 3, /* too many open streams */
     PROTO_CODE_REFUSED = 4,      /* connection refused by the target */
     PROTO_CODE_UNREACHABLE = 5,  /* target host or network unreachable, or bad address */

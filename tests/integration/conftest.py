@@ -386,6 +386,9 @@ class Harness:
                 "--token-file", token_file or self.tokens.agent_file(workspace)]
         if keepalive:
             args += ["--keepalive-idle", keepalive[0], "--keepalive-timeout", keepalive[1]]
+        if "--state-dir" not in [str(a) for a in extra]:
+            # The SSH host key goes to a scratch directory, not the user's home.
+            args += ["--state-dir", str(self.tokens.dir.parent / ("state-%s" % workspace))]
         args += list(extra)
         proc = self.procs.start("agent-%s" % workspace, args, env=env)
         if wait:
