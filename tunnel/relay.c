@@ -10,6 +10,7 @@
 #include "chunkq.h"
 #include "log.h"
 #include "mux.h"
+#include "ptyconv.h"
 #include "tokens.h"
 
 /* How often the relay ticks every agent's keepalive. */
@@ -24,6 +25,22 @@
 /* Close codes for client websockets: 4000 + an OPEN_FAIL/RST code (PROTOCOL.md). */
 #define RELAY_CLOSE_CODE_BASE 4000
 
+/*
+ * pty endpoints (PROTOCOL.md 14.7). Output from the agent is inflated only while less than
+ * RELAY_PTY_OUTPUT_HIGH bytes wait for the client, in calls that each offer at least
+ * RELAY_PTY_INFLATE_ROOM bytes of room, at most RELAY_PTY_PUMP_CALLS calls per event (the
+ * rest waits for the next WRITEABLE), so a zlib bomb costs a bounded amount of memory and
+ * of loop time. Compressed bytes held meanwhile are bounded by the credit we granted.
+ */
+#define RELAY_PTY_OUTPUT_HIGH (256u * 1024)
+#define RELAY_PTY_INFLATE_ROOM (16u * 1024)
+#define RELAY_PTY_PUMP_CALLS 32u
+/* Credit marks per pty client: past this many, new ones merge into the last (later credit). */
+#define RELAY_PTY_MARKS 16u
+/* Query arguments examined; a query is short anyway (lws keeps 4 KiB of headers). */
+#define RELAY_PTY_MAX_ARGS 64
+#define RELAY_PTY_ARG_MAX (sizeof("command=") - 1 + PROTO_MAX_PTY_COMMAND)
+
 struct relay_agent;
 
 struct relay_workspace {
@@ -34,6 +51,27 @@ struct relay_workspace {
     char os[32];
     char arch[32];
     int64_t last_seen_ms; /* unix ms of the last frame from an agent, or -1 */
+};
+
+/*
+ * Agent bytes of a pty stream were inflated (`bytes` of them) into output that ends at
+ * offset `end` of what was queued for the client: their credit is due once the client's
+ * socket took that offset.
+ */
+struct relay_credit_mark {
+    uint64_t end;
+    size_t bytes;
+};
+
+/* The pty half of a client (PROTOCOL.md 14.7); NULL for byte pipes. */
+struct relay_pty {
+    struct ptyconv *conv;
+    struct bytebuf from_agent; /* compressed, not inflated yet: bounded by our credit */
+    uint64_t queued;           /* output bytes ever queued for the client */
+    uint64_t written;          /* of those, written to its socket */
+    struct relay_credit_mark marks[RELAY_PTY_MARKS];
+    size_t mark_head, nmarks;
+    bool exit_sent;
 };
 
 /* A client websocket bridged to one stream on an agent's tunnel. */
@@ -50,6 +88,7 @@ struct relay_client {
     char close_reason[124];
     struct chunkq to_client;    /* from the agent, waiting for the client's socket */
     struct bytebuf from_client; /* beyond the stream's credit: reading is paused meanwhile */
+    struct relay_pty *pty;      /* ROUTE_PTY only */
     struct relay_client *next;  /* in agent->clients */
 };
 
@@ -192,7 +231,10 @@ static int refuse_upgrade(struct lws *wsi, unsigned status, const char *msg)
     static const struct {
         unsigned code;
         const char *text;
-    } reasons[] = {{401, "Unauthorized"}, {404, "Not Found"}, {503, "Service Unavailable"}};
+    } reasons[] = {{400, "Bad Request"},
+                   {401, "Unauthorized"},
+                   {404, "Not Found"},
+                   {503, "Service Unavailable"}};
     const char *text = "Error";
     for (size_t i = 0; i < sizeof(reasons) / sizeof(reasons[0]); i++)
         if (reasons[i].code == status)
@@ -228,8 +270,11 @@ static int http_error(struct lws *wsi, unsigned status, const char *msg)
 
 /* ---- routes ---- */
 
-/* ROUTE_TCP and ROUTE_SSH are client byte pipes: one websocket = one tunnel stream. */
-enum route_kind { ROUTE_NONE, ROUTE_LIST, ROUTE_ONE, ROUTE_AGENT, ROUTE_TCP, ROUTE_SSH };
+/*
+ * ROUTE_TCP and ROUTE_SSH are client byte pipes, ROUTE_PTY a terminal: each websocket is
+ * one tunnel stream.
+ */
+enum route_kind { ROUTE_NONE, ROUTE_LIST, ROUTE_ONE, ROUTE_AGENT, ROUTE_TCP, ROUTE_SSH, ROUTE_PTY };
 struct route {
     enum route_kind kind;
     char name[TOKENS_MAX_NAME + 1];
@@ -267,6 +312,10 @@ static void parse_route(const char *uri, struct route *rt)
         rt->kind = ROUTE_SSH;
         return;
     }
+    if (strcmp(rest, "/pty") == 0) { /* lws keeps the query apart: see parse_pty_query */
+        rt->kind = ROUTE_PTY;
+        return;
+    }
     if (strncmp(rest, "/tcp/", 5) == 0) {
         char *end;
         long port = strtol(rest + 5, &end, 10);
@@ -282,6 +331,160 @@ static void get_uri(struct lws *wsi, char *buf, size_t len)
     buf[0] = '\0';
     if (lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) < (int)len)
         lws_hdr_copy(wsi, buf, (int)len, WSI_TOKEN_GET_URI);
+}
+
+static bool is_client_route(enum route_kind kind)
+{
+    return kind == ROUTE_TCP || kind == ROUTE_SSH || kind == ROUTE_PTY;
+}
+
+/* ---- the pty endpoint's query (PROTOCOL.md 14.7) ---- */
+
+struct pty_query {
+    uint8_t id[PROTO_PTY_ID_SIZE];
+    uint16_t rows, cols;
+    char command[PROTO_MAX_PTY_COMMAND + 1]; /* "" = the login shell */
+};
+
+static int hex_digit(char ch)
+{
+    if (ch >= '0' && ch <= '9')
+        return ch - '0';
+    if (ch >= 'a' && ch <= 'f')
+        return ch - 'a' + 10;
+    if (ch >= 'A' && ch <= 'F')
+        return ch - 'A' + 10;
+    return -1;
+}
+
+/* The 36-character text form, 8-4-4-4-12 hex digits in either case. */
+static int parse_uuid(const char *s, size_t n, uint8_t out[PROTO_PTY_ID_SIZE])
+{
+    if (n != 36)
+        return -1;
+    size_t k = 0;
+    for (size_t i = 0; i < n;) {
+        if (i == 8 || i == 13 || i == 18 || i == 23) {
+            if (s[i++] != '-')
+                return -1;
+            continue;
+        }
+        int hi = hex_digit(s[i]), lo = hex_digit(s[i + 1]);
+        if (hi < 0 || lo < 0)
+            return -1;
+        out[k++] = (uint8_t)(hi << 4 | lo);
+        i += 2;
+    }
+    return 0;
+}
+
+/*
+ * A terminal size: 1 to 9 decimal digits, clamped into 1..65535 like the sizes of JSON
+ * resizes (ptyconv.h); the agent clamps further to what a terminal can use.
+ */
+static int parse_size(const char *s, size_t n, uint16_t *out)
+{
+    if (n < 1 || n > 9)
+        return -1;
+    long v = 0;
+    for (size_t i = 0; i < n; i++) {
+        if (s[i] < '0' || s[i] > '9')
+            return -1;
+        v = v * 10 + (s[i] - '0');
+    }
+    *out = (uint16_t)(v < (long)PTYCONV_MIN_SIZE   ? PTYCONV_MIN_SIZE
+                      : v > (long)PTYCONV_MAX_SIZE ? PTYCONV_MAX_SIZE
+                                                   : v);
+    return 0;
+}
+
+static bool all_zero(const uint8_t *p, size_t n)
+{
+    for (size_t i = 0; i < n; i++)
+        if (p[i])
+            return false;
+    return true;
+}
+
+/* One name=value argument into q; seen[] marks id, rows, cols, command. */
+static int pty_query_arg(const char *arg, size_t n, struct pty_query *q, bool seen[4], char *why,
+                         size_t whylen)
+{
+    static const char *const names[4] = {"id", "rows", "cols", "command"};
+    const char *eq = memchr(arg, '=', n);
+    size_t nl = eq ? (size_t)(eq - arg) : n;
+    const char *v = eq ? eq + 1 : arg + n;
+    size_t vl = n - nl - (eq ? 1 : 0);
+    int which = -1;
+    for (int i = 0; i < 4; i++)
+        if (strlen(names[i]) == nl && memcmp(arg, names[i], nl) == 0)
+            which = i;
+    if (which < 0)
+        return 0; /* unknown arguments are ignored */
+    if (seen[which]) {
+        snprintf(why, whylen, "%s is given twice", names[which]);
+        return -1;
+    }
+    seen[which] = true;
+    switch (which) {
+    case 0:
+        if (parse_uuid(v, vl, q->id) < 0) {
+            snprintf(why, whylen, "id must be a UUID (8-4-4-4-12 hex digits)");
+            return -1;
+        }
+        if (all_zero(q->id, sizeof(q->id))) {
+            snprintf(why, whylen, "id must not be the nil UUID");
+            return -1;
+        }
+        return 0;
+    case 1:
+    case 2:
+        if (parse_size(v, vl, which == 1 ? &q->rows : &q->cols) < 0) {
+            snprintf(why, whylen, "%s must be a decimal number", names[which]);
+            return -1;
+        }
+        return 0;
+    default:
+        if (memchr(v, '\0', vl)) {
+            snprintf(why, whylen, "command contains a NUL byte");
+            return -1;
+        }
+        memcpy(q->command, v, vl); /* vl <= PROTO_MAX_PTY_COMMAND: the caller's buffer */
+        q->command[vl] = '\0';
+        return 0;
+    }
+}
+
+/*
+ * Reads the query of a pty upgrade. lws has split it at '&' and decoded it already (%XX,
+ * and '+' as a space, as in HTML forms). Returns 0, or -1 with the reason in why.
+ */
+static int parse_pty_query(struct lws *wsi, struct pty_query *q, char *why, size_t whylen)
+{
+    static const char *const missing[4] = {"id is missing", "rows is missing", "cols is missing",
+                                           NULL};
+    char arg[RELAY_PTY_ARG_MAX + 1];
+    bool seen[4] = {false, false, false, false};
+    memset(q, 0, sizeof(*q));
+    for (int i = 0; i < RELAY_PTY_MAX_ARGS; i++) {
+        int n = lws_hdr_copy_fragment(wsi, arg, (int)sizeof(arg), WSI_TOKEN_HTTP_URI_ARGS, i);
+        if (n < 0) {
+            if (lws_hdr_fragment_length(wsi, WSI_TOKEN_HTTP_URI_ARGS, i) >= (int)sizeof(arg)) {
+                snprintf(why, whylen, "an argument is over %zu bytes (command: at most %u)",
+                         RELAY_PTY_ARG_MAX, PROTO_MAX_PTY_COMMAND);
+                return -1;
+            }
+            break; /* no more arguments */
+        }
+        if (pty_query_arg(arg, (size_t)n, q, seen, why, whylen) < 0)
+            return -1;
+    }
+    for (int i = 0; i < 4; i++)
+        if (!seen[i] && missing[i]) {
+            snprintf(why, whylen, "%s", missing[i]);
+            return -1;
+        }
+    return 0;
 }
 
 static int serve_http(struct relay *r, struct lws *wsi, const char *uri)
@@ -327,7 +530,8 @@ static int serve_http(struct relay *r, struct lws *wsi, const char *uri)
 /*
  * Decides an upgrade before the websocket exists, so refusals are plain HTTP statuses:
  * 401 for a missing or unknown token, 404 for a workspace the token may not see (whether it
- * exists or not), 503 for one whose agent is not connected.
+ * exists or not), 400 for a bad pty query, 503 for a workspace whose agent is not
+ * connected.
  */
 static int confirm_upgrade(struct relay *r, struct lws *wsi)
 {
@@ -341,13 +545,21 @@ static int confirm_upgrade(struct relay *r, struct lws *wsi)
             return refuse_upgrade(wsi, 401, "unauthorized");
         return 0;
     }
-    if (rt.kind != ROUTE_TCP && rt.kind != ROUTE_SSH)
+    if (!is_client_route(rt.kind))
         return refuse_upgrade(wsi, 404, "not found");
     if (!tokens_user_valid(r->tokens, token))
         return refuse_upgrade(wsi, 401, "unauthorized");
     struct relay_workspace *w = workspace_find(r, rt.name);
     if (!w || !tokens_user_allows(r->tokens, token, rt.name))
         return refuse_upgrade(wsi, 404, "no such workspace");
+    if (rt.kind == ROUTE_PTY) {
+        struct pty_query q;
+        char why[160], msg[200];
+        if (parse_pty_query(wsi, &q, why, sizeof(why)) < 0) {
+            snprintf(msg, sizeof(msg), "bad pty query: %s", why);
+            return refuse_upgrade(wsi, 400, msg);
+        }
+    }
     if (!w->agent) {
         char msg[128];
         snprintf(msg, sizeof(msg), "workspace %s is offline", w->name);
@@ -398,28 +610,80 @@ static void client_push_pending(struct relay_client *c)
     }
 }
 
+/* The OPEN for a client's route: tcp to 127.0.0.1:PORT, ssh, or pty with the zlib option. */
+static int client_open_for(struct lws *wsi, const struct route *rt, struct proto_open *o)
+{
+    memset(o, 0, sizeof(*o));
+    switch (rt->kind) {
+    case ROUTE_TCP:
+        o->kind = PROTO_KIND_TCP;
+        o->port = (uint16_t)rt->port;
+        snprintf(o->host, sizeof(o->host), "127.0.0.1");
+        return 0;
+    case ROUTE_SSH:
+        o->kind = PROTO_KIND_SSH;
+        return 0;
+    case ROUTE_PTY: {
+        struct pty_query q;
+        char why[160];
+        if (parse_pty_query(wsi, &q, why, sizeof(why)) < 0)
+            return -1; /* confirm_upgrade answered 400 already */
+        o->kind = PROTO_KIND_PTY;
+        memcpy(o->pty_id, q.id, sizeof(o->pty_id));
+        o->rows = q.rows;
+        o->cols = q.cols;
+        o->pty_options = PROTO_PTY_OPT_ZLIB;
+        memcpy(o->command, q.command, sizeof(o->command));
+        return 0;
+    }
+    default:
+        return -1;
+    }
+}
+
+static struct relay_pty *client_pty_new(void)
+{
+    struct relay_pty *p = calloc(1, sizeof(*p));
+    if (!p)
+        return NULL;
+    p->conv = ptyconv_new(true);
+    if (!p->conv) {
+        free(p);
+        return NULL;
+    }
+    return p;
+}
+
+static void client_pty_free(struct relay_pty *p)
+{
+    if (!p)
+        return;
+    ptyconv_free(p->conv);
+    bytebuf_free(&p->from_agent);
+    free(p);
+}
+
 static int client_established(struct relay *r, struct lws *wsi, struct relay_pss *pss)
 {
     char uri[512];
     struct route rt;
+    struct proto_open o;
     get_uri(wsi, uri, sizeof(uri));
     parse_route(uri, &rt);
     struct relay_workspace *w = workspace_find(r, rt.name);
-    if ((rt.kind != ROUTE_TCP && rt.kind != ROUTE_SSH) || !w || !w->agent)
+    if (!is_client_route(rt.kind) || !w || !w->agent || client_open_for(wsi, &rt, &o) < 0)
         return -1; /* confirm_upgrade checked; the agent may have left since */
     struct relay_client *c = calloc(1, sizeof(*c));
     if (!c)
         return -1;
+    if (rt.kind == ROUTE_PTY && !(c->pty = client_pty_new())) {
+        free(c);
+        return -1;
+    }
     c->wsi = wsi;
     chunkq_init(&c->to_client, LWS_PRE);
     pss->kind = PSS_CLIENT;
     pss->obj = c;
-    struct proto_open o = {.kind = PROTO_KIND_SSH};
-    if (rt.kind == ROUTE_TCP) {
-        o.kind = PROTO_KIND_TCP;
-        o.port = (uint16_t)rt.port;
-        snprintf(o.host, sizeof(o.host), "127.0.0.1");
-    }
     struct relay_agent *a = w->agent;
     int rc = mux_stream_open(a->mux, &o, c, &c->stream);
     if (rc < 0) {
@@ -435,7 +699,214 @@ static int client_established(struct relay *r, struct lws *wsi, struct relay_pss
     if (rt.kind == ROUTE_TCP)
         log_debug("client stream %u to %s port %d", c->stream, w->name, rt.port);
     else
-        log_debug("client stream %u to %s ssh", c->stream, w->name);
+        log_debug("client stream %u to %s %s", c->stream, w->name,
+                  rt.kind == ROUTE_PTY ? "pty" : "ssh");
+    return 0;
+}
+
+/* ---- pty bridges (PROTOCOL.md 14.7) ---- */
+
+/* Remembers that `used` agent bytes were inflated into what is queued up to p->queued. */
+static void pty_mark(struct relay_pty *p, size_t used)
+{
+    if (used == 0)
+        return;
+    if (p->nmarks > 0) {
+        struct relay_credit_mark *last =
+            &p->marks[(p->mark_head + p->nmarks - 1) % RELAY_PTY_MARKS];
+        if (p->nmarks == RELAY_PTY_MARKS || last->end == p->queued) {
+            last->end = p->queued;
+            last->bytes += used;
+            return;
+        }
+    }
+    p->marks[(p->mark_head + p->nmarks) % RELAY_PTY_MARKS] =
+        (struct relay_credit_mark){.end = p->queued, .bytes = used};
+    p->nmarks++;
+}
+
+/* Credit for agent bytes whose output the client's socket has taken (PROTOCOL.md 6). */
+static void pty_release_credit(struct relay_client *c)
+{
+    struct relay_pty *p = c->pty;
+    size_t n = 0;
+    while (p->nmarks > 0 && p->marks[p->mark_head].end <= p->written) {
+        n += p->marks[p->mark_head].bytes;
+        p->mark_head = (p->mark_head + 1) % RELAY_PTY_MARKS;
+        p->nmarks--;
+    }
+    if (n && c->agent && c->stream)
+        mux_stream_consumed(c->agent->mux, c->stream, n);
+}
+
+/* The stream's bytes from the agent are unusable (or we ran out of memory): end it. */
+static void pty_fail(struct relay_client *c, int err)
+{
+    bool peer = err == PTYCONV_E_RECORD || err == PTYCONV_E_INFLATE;
+    const char *why = ptyconv_strerror(err);
+    if (c->agent && c->stream) {
+        log_warn("workspace %s: pty stream %u: %s", c->agent->ws->name, c->stream, why);
+        mux_stream_reset(c->agent->mux, c->stream, peer ? PROTO_CODE_PROTOCOL : PROTO_CODE_INTERNAL,
+                         why);
+    }
+    c->stream = 0;
+    client_detach(c);
+    client_close(
+        c, peer ? client_close_code(PROTO_CODE_PROTOCOL) : LWS_CLOSE_STATUS_UNEXPECTED_CONDITION,
+        why);
+}
+
+static bool pty_work_left(const struct relay_client *c)
+{
+    return c->pty->from_agent.len > 0 || ptyconv_agent_pending(c->pty->conv);
+}
+
+/*
+ * Inflates agent bytes from in into the client's queue while it is below
+ * RELAY_PTY_OUTPUT_HIGH, for at most RELAY_PTY_PUMP_CALLS calls. *taken says how many
+ * bytes of in were used. Returns 0 or a PTYCONV_E_* error.
+ */
+static int pty_inflate(struct relay_client *c, const uint8_t *in, size_t len, size_t *taken)
+{
+    struct relay_pty *p = c->pty;
+    *taken = 0;
+    for (unsigned i = 0; i < RELAY_PTY_PUMP_CALLS; i++) {
+        if (c->to_client.len >= RELAY_PTY_OUTPUT_HIGH ||
+            (*taken == len && !ptyconv_agent_pending(p->conv)))
+            break;
+        size_t room, used, produced;
+        uint8_t *tail = chunkq_tail(&c->to_client, RELAY_PTY_INFLATE_ROOM, &room);
+        if (!tail)
+            return PTYCONV_E_NOMEM;
+        int rc = ptyconv_agent_output(p->conv, len > *taken ? in + *taken : NULL, len - *taken,
+                                      &used, tail, room, &produced);
+        if (rc)
+            return rc;
+        chunkq_commit(&c->to_client, produced);
+        p->queued += produced;
+        *taken += used;
+        pty_mark(p, used);
+    }
+    return 0;
+}
+
+/* Inflates what is held from the agent. Returns 0, or -1 once the client is being closed. */
+static int pty_pump(struct relay_client *c)
+{
+    struct relay_pty *p = c->pty;
+    size_t taken = 0;
+    int rc = pty_inflate(c, p->from_agent.len ? bytebuf_peek(&p->from_agent) : NULL,
+                         p->from_agent.len, &taken);
+    bytebuf_consume(&p->from_agent, taken);
+    if (p->from_agent.len == 0)
+        bytebuf_free(&p->from_agent); /* an idle terminal holds no buffer */
+    if (rc) {
+        pty_fail(c, rc);
+        return -1;
+    }
+    pty_release_credit(c);
+    return 0;
+}
+
+/* DATA from the agent: inflated now if nothing waits before it, else held in order. */
+static void pty_agent_data(struct relay_client *c, const uint8_t *data, size_t len)
+{
+    struct relay_pty *p = c->pty;
+    size_t taken = 0;
+    int rc = 0;
+    if (p->from_agent.len == 0)
+        rc = pty_inflate(c, data, len, &taken);
+    if (rc == 0 && taken < len && bytebuf_append(&p->from_agent, data + taken, len - taken) < 0)
+        rc = PTYCONV_E_NOMEM;
+    if (rc) {
+        pty_fail(c, rc);
+        return;
+    }
+    pty_release_credit(c);
+    lws_callback_on_writable(c->wsi);
+}
+
+/* The agent's FIN (after EXIT): input has nowhere to go now; our FIN ends the stream. */
+static void pty_agent_fin(struct relay_client *c)
+{
+    c->fin_from_agent = true;
+    if (c->agent && c->stream) {
+        bytebuf_free(&c->from_client);
+        mux_stream_shutdown(c->agent->mux, c->stream);
+        lws_rx_flow_control(c->wsi, 1);
+    }
+    lws_callback_on_writable(c->wsi);
+}
+
+/* Sends the client's converted bytes under credit; reading pauses while some are left. */
+static void pty_send_to_agent(struct relay_client *c)
+{
+    if (c->from_client.len == 0)
+        return;
+    int n = mux_stream_send(c->agent->mux, c->stream, bytebuf_peek(&c->from_client),
+                            c->from_client.len);
+    if (n > 0)
+        bytebuf_consume(&c->from_client, (size_t)n);
+    if (c->from_client.len > 0)
+        lws_rx_flow_control(c->wsi, 0); /* client_push_pending resumes it */
+}
+
+/* A text (JSON) or binary (raw input) message, or a piece of one, from the client. */
+static void pty_client_receive(struct relay_client *c, const uint8_t *in, size_t len, bool binary,
+                               bool first, bool final)
+{
+    if (!c->agent || !c->stream || c->fin_from_agent)
+        return; /* the stream is gone or ending: input has nowhere to go */
+    char why[128];
+    int rc = binary ? ptyconv_client_input(c->pty->conv, in, len, &c->from_client)
+                    : ptyconv_client_text(c->pty->conv, in, len, first, final, &c->from_client, why,
+                                          sizeof(why));
+    if (rc == PTYCONV_E_IGNORED) {
+        log_info("workspace %s: pty stream %u: client message ignored: %s", c->agent->ws->name,
+                 c->stream, why);
+        rc = 0;
+    }
+    if (rc < 0) {
+        /* The deflate stream toward the agent may be cut mid-flush: it cannot go on. */
+        client_close(c, LWS_CLOSE_STATUS_UNEXPECTED_CONDITION, ptyconv_strerror(rc));
+        return;
+    }
+    pty_send_to_agent(c);
+}
+
+/* Output first, one message per WRITEABLE; then {"exit": N} and 1000 once the agent ended. */
+static int pty_writable(struct relay *r, struct relay_client *c)
+{
+    struct relay_pty *p = c->pty;
+    size_t n;
+    uint8_t *front = chunkq_front(&c->to_client, &n);
+    if (front) {
+        if (lws_write(c->wsi, front, n, LWS_WRITE_BINARY) < (int)n)
+            return -1;
+        chunkq_consume(&c->to_client, n);
+        p->written += n;
+    }
+    if (pty_pump(c) < 0)
+        return 0; /* closing: the close frame goes out on the next WRITEABLE */
+    if (c->to_client.len > 0 || pty_work_left(c)) {
+        lws_callback_on_writable(c->wsi);
+        return 0;
+    }
+    if (!c->fin_from_agent)
+        return 0;
+    if (front) { /* one lws_write per WRITEABLE: the end goes out on the next */
+        lws_callback_on_writable(c->wsi);
+        return 0;
+    }
+    int status = ptyconv_exit_status(p->conv);
+    if (status >= 0 && !p->exit_sent) {
+        p->exit_sent = true;
+        int len = snprintf((char *)r->out + LWS_PRE, 32, "{\"exit\":%d}", status);
+        if (lws_write(c->wsi, r->out + LWS_PRE, (size_t)len, LWS_WRITE_TEXT) < len)
+            return -1;
+    }
+    /* Without an EXIT record the agent ended the stream anyway: a normal close, no status. */
+    client_close(c, LWS_CLOSE_STATUS_NORMAL, "");
     return 0;
 }
 
@@ -444,6 +915,10 @@ static void client_receive(struct relay_client *c, const uint8_t *in, size_t len
 {
     if (c->closing)
         return;
+    if (c->pty) {
+        pty_client_receive(c, in, len, binary, first, final);
+        return;
+    }
     if (!binary) {
         client_close(c, LWS_CLOSE_STATUS_UNACCEPTABLE_OPCODE, "text messages are not accepted");
         return;
@@ -479,6 +954,8 @@ static int client_writable(struct relay *r, struct relay_client *c)
         }
         return 0;
     }
+    if (c->pty)
+        return pty_writable(r, c);
     size_t n;
     uint8_t *front = chunkq_front(&c->to_client, &n);
     if (front) {
@@ -510,6 +987,7 @@ static void client_closed(struct relay_client *c)
     client_detach(c);
     chunkq_free(&c->to_client);
     bytebuf_free(&c->from_client);
+    client_pty_free(c->pty);
     free(c);
 }
 
@@ -547,6 +1025,10 @@ static void a_stream_data(void *ud, uint32_t id, void *sud, const uint8_t *data,
     (void)id;
     if (c->closing)
         return;
+    if (c->pty) {
+        pty_agent_data(c, data, len);
+        return;
+    }
     if (chunkq_append(&c->to_client, data, len) < 0) {
         client_close(c, LWS_CLOSE_STATUS_UNEXPECTED_CONDITION, "out of memory");
         return;
@@ -559,6 +1041,10 @@ static void a_stream_fin(void *ud, uint32_t id, void *sud)
     struct relay_client *c = sud;
     (void)ud;
     (void)id;
+    if (c->pty) {
+        pty_agent_fin(c);
+        return;
+    }
     c->fin_from_agent = true;
     lws_callback_on_writable(c->wsi);
 }

@@ -5,6 +5,7 @@ bytes. Everything here is pure: no sockets. All integers are big-endian.
 """
 import json
 import struct
+import zlib
 
 VERSION = 1
 SUBPROTOCOL = "tether.v1"
@@ -263,6 +264,103 @@ def manifest_control(workspace):
     return control_frame({"type": "manifest", "workspace": workspace})
 
 
+# ---- pty streams (PROTOCOL.md 3.2) ----
+
+PTY_ID_SIZE = 16
+PTY_OPT_ZLIB = 0x01
+MAX_PTY_COMMAND = 4096
+PTYREC_DATA = 1
+PTYREC_RESIZE = 2
+PTYREC_EXIT = 3
+PTYREC_MAX_BODY = 65535
+
+
+def encode_open_pty(pty_id, rows, cols, options=PTY_OPT_ZLIB, command=b""):
+    """OPEN pty payload; no validation, so tests can build wrong ones."""
+    if isinstance(command, str):
+        command = command.encode("utf-8")
+    return (struct.pack(">BBH", KIND_PTY, 0, 0) + bytes(pty_id) +
+            struct.pack(">HHBBH", rows, cols, options, 0, len(command)) + command)
+
+
+def decode_open(p):
+    """An OPEN payload as a dict: kind, and port/host (tcp) or id/rows/cols/options/command
+    (pty, command as bytes)."""
+    if len(p) < 4:
+        raise ProtoError("short OPEN")
+    kind, flags, reserved = struct.unpack_from(">BBH", p)
+    out = {"kind": kind, "flags": flags, "reserved": reserved}
+    body = p[4:]
+    if kind == KIND_TCP:
+        port, hl = struct.unpack_from(">HB", body)
+        out.update(port=port, host=body[3:3 + hl].decode("ascii"))
+    elif kind == KIND_PTY:
+        if len(body) < 24:
+            raise ProtoError("short pty OPEN")
+        rows, cols, options, res, cl = struct.unpack_from(">HHBBH", body, 16)
+        if len(body) != 24 + cl:
+            raise ProtoError("pty OPEN: cmd_len %d, %d bytes follow" % (cl, len(body) - 24))
+        out.update(id=bytes(body[:16]), rows=rows, cols=cols, options=options,
+                   pty_reserved=res, command=bytes(body[24:]))
+    return out
+
+
+def ptyrec(rtype, body=b""):
+    """One pty record: type u8, length u16, body (not checked, so tests can break rules)."""
+    return struct.pack(">BH", rtype, len(body)) + bytes(body)
+
+
+def ptyrec_data(data):
+    """DATA records for any amount of bytes (split at PTYREC_MAX_BODY)."""
+    return b"".join(ptyrec(PTYREC_DATA, data[i:i + PTYREC_MAX_BODY])
+                    for i in range(0, len(data), PTYREC_MAX_BODY))
+
+
+def ptyrec_resize(rows, cols):
+    return ptyrec(PTYREC_RESIZE, struct.pack(">HH", rows, cols))
+
+
+def ptyrec_exit(value, signal=False):
+    return ptyrec(PTYREC_EXIT, bytes([1 if signal else 0, value]))
+
+
+class PtyRecords:
+    """Reassembles records from a pty stream's bytes (inflated first when zlib is on).
+    feed() returns the complete records as (type, body) tuples."""
+
+    def __init__(self, use_zlib=True):
+        self.z = zlib.decompressobj() if use_zlib else None
+        self.buf = bytearray()
+
+    def feed(self, data):
+        if self.z is not None:
+            data = self.z.decompress(data)
+        self.buf += data
+        out = []
+        while len(self.buf) >= 3:
+            rtype, n = struct.unpack_from(">BH", self.buf)
+            if len(self.buf) < 3 + n:
+                break
+            out.append((rtype, bytes(self.buf[3:3 + n])))
+            del self.buf[:3 + n]
+        return out
+
+    @property
+    def partial(self):
+        """Bytes of a record not complete yet."""
+        return len(self.buf)
+
+
+class PtyDeflater:
+    """The sending side of a pty stream with zlib: each chunk() ends with Z_SYNC_FLUSH."""
+
+    def __init__(self, level=6, wbits=15):
+        self.z = zlib.compressobj(level, zlib.DEFLATED, wbits)
+
+    def chunk(self, data):
+        return self.z.compress(data) + self.z.flush(zlib.Z_SYNC_FLUSH)
+
+
 def _selftest():
     # The worked examples of PROTOCOL.md section 15.
     assert hello_frame().hex() == (
@@ -276,6 +374,15 @@ def _selftest():
     fs = parse_message(hello_frame() + data_frame(2, b"hello", fin=True))
     assert [f.type for f in fs] == [HELLO, DATA] and fs[1].fin and fs[1].payload == b"hello"
     assert fs[0].hello()["initial_window"] == DEFAULT_WINDOW
+    pid = bytes(range(1, 17))
+    o = decode_open(encode_open_pty(pid, 24, 80, PTY_OPT_ZLIB, "top"))
+    assert (o["kind"], o["id"], o["rows"], o["cols"], o["options"], o["command"]) == (
+        KIND_PTY, pid, 24, 80, PTY_OPT_ZLIB, b"top")
+    d = PtyDeflater()
+    r = PtyRecords()
+    wire = d.chunk(ptyrec_data(b"x" * 70000) + ptyrec_exit(9, signal=True))
+    recs = r.feed(wire[:5]) + r.feed(wire[5:])
+    assert [(t, len(b)) for t, b in recs] == [(1, 65535), (1, 4465), (3, 2)] and not r.partial
 
 
 _selftest()
