@@ -10,5 +10,6 @@ int cmd_demo(int argc, char **argv);
 int cmd_sftp_server(int argc, char **argv);
 int cmd_ssh_proxy(int argc, char **argv);
 int cmd_config_ssh(int argc, char **argv);
+int cmd_attach(int argc, char **argv);
 
 #endif

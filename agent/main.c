@@ -30,6 +30,7 @@ static const char usage[] =
     "  forward      forward a local TCP port to a port inside a workspace\n"
     "  ssh-proxy    join stdin/stdout to a workspace's SSH server (ssh's ProxyCommand)\n"
     "  config-ssh   write 'Host tether.NAME' entries for the workspaces to ~/.ssh/config\n"
+    "  attach       attach this terminal to a reconnecting PTY in a workspace\n"
     "  status       print the relay's view of workspaces as JSON\n"
     "  sftp-server  serve SFTP on stdin/stdout (for images without OpenSSH's sftp-server)\n"
     "  demo         run a relay and an agent on loopback, this directory as the workspace\n"
@@ -76,6 +77,8 @@ int main(int argc, char **argv)
         return cmd_ssh_proxy(argc - 1, argv + 1);
     if (strcmp(cmd, "config-ssh") == 0)
         return cmd_config_ssh(argc - 1, argv + 1);
+    if (strcmp(cmd, "attach") == 0)
+        return cmd_attach(argc - 1, argv + 1);
     cli_error("unknown command '%s' (try 'tether --help')", cmd);
     return EXIT_USAGE;
 }

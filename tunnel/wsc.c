@@ -128,7 +128,7 @@ static void free_buffers(struct wsc *c)
 struct wsc *wsc_connect(const struct wsc_params *p, const struct wsc_events *ev, void *ud,
                         char *err, size_t errlen)
 {
-    char path[1024], host_header[300];
+    char path[WSC_MAX_PATH], host_header[300];
     if (p->token && strlen(p->token) > WSC_MAX_TOKEN) {
         snprintf(err, errlen, "token is longer than %d bytes", WSC_MAX_TOKEN);
         return NULL;

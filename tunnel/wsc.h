@@ -9,6 +9,9 @@
 #ifndef TETHER_WSC_H
 #define TETHER_WSC_H
 
+/* A request path: room for a /pty path whose 4096-byte command is percent-encoded. */
+#define WSC_MAX_PATH 12800u
+
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>

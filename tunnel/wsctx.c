@@ -91,7 +91,7 @@ int wsctx_create(struct wsctx *w, const struct wsctx_config *cfg, char *err, siz
             si.options |= LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
         /* Headers of modest size: a bearer token, and a /pty URI whose command may take
          * 4096 bytes, percent-encoded (up to three times that). */
-        si.max_http_header_data = 12288;
+        si.max_http_header_data = 16384;
         w->server_vhost = lws_create_vhost(w->ctx, &si);
         if (!w->server_vhost) {
             snprintf(err, errlen, "cannot listen on %s:%d (address in use, or bad TLS files?)",
