@@ -167,6 +167,9 @@ static void print_instructions(struct demo *d, const char *name, const char *url
     printf("  ssh -o ProxyCommand='%s ssh-proxy --url %s --token-file %s %s' \\\n"
            "      -o StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null tether.%s\n\n",
            cmd, url, d->user_token_path, name, name);
+    printf("In a browser, a terminal in the workspace (log in with the token in %s):\n"
+           "  http://%s/w/%s\n\n",
+           d->user_token_path, strncmp(url, "ws://", 5) == 0 ? url + 5 : url, name);
     printf("Ctrl-C stops the demo.\n");
     fflush(stdout);
 }

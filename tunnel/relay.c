@@ -12,6 +12,7 @@
 #include "mux.h"
 #include "ptyconv.h"
 #include "tokens.h"
+#include "web/web_assets.h"
 
 /* How often the relay ticks every agent's keepalive. */
 #define RELAY_TICK_MS 500u
@@ -105,7 +106,7 @@ struct relay_agent {
     struct relay_agent *next; /* in relay->agents */
 };
 
-enum pss_kind { PSS_NONE, PSS_AGENT, PSS_CLIENT };
+enum pss_kind { PSS_NONE, PSS_AGENT, PSS_CLIENT, PSS_LOGIN };
 struct relay_pss {
     enum pss_kind kind;
     void *obj;
@@ -193,12 +194,28 @@ static void bearer_token(struct lws *wsi, char *buf, size_t len)
         return;
     if (lws_hdr_copy(wsi, hdr, sizeof(hdr), WSI_TOKEN_HTTP_AUTHORIZATION) <= 0)
         return;
-    if (strncasecmp(hdr, "Bearer ", 7) != 0)
+    size_t n = strlen(hdr);
+    /* A token that does not fit is no token: never compare a truncated one. */
+    if (n < 7 || strncasecmp(hdr, "Bearer ", 7) != 0 || n - 7 >= len)
         return;
-    snprintf(buf, len, "%s", hdr + 7);
+    memcpy(buf, hdr + 7, n - 7 + 1);
 }
 
-/* Writes a whole response now; lws keeps what the socket does not take at once. */
+/* Writes a response body after its headers; lws keeps what the socket does not take. */
+static int http_body(struct lws *wsi, const void *body, size_t blen)
+{
+    if (!blen)
+        return 0;
+    uint8_t *buf = malloc(LWS_PRE + blen);
+    if (!buf)
+        return -1;
+    memcpy(buf + LWS_PRE, body, blen);
+    int n = lws_write(wsi, buf + LWS_PRE, blen, LWS_WRITE_HTTP_FINAL);
+    free(buf);
+    return n < 0 ? -1 : 0;
+}
+
+/* Writes a whole JSON response now. */
 static int http_reply(struct lws *wsi, unsigned status, const char *body)
 {
     size_t blen = strlen(body);
@@ -207,17 +224,7 @@ static int http_reply(struct lws *wsi, unsigned status, const char *body)
     if (lws_add_http_common_headers(wsi, status, "application/json", blen, &p, end) ||
         lws_finalize_write_http_header(wsi, start, &p, end))
         return -1;
-    if (blen) {
-        uint8_t *buf = malloc(LWS_PRE + blen);
-        if (!buf)
-            return -1;
-        memcpy(buf + LWS_PRE, body, blen);
-        int n = lws_write(wsi, buf + LWS_PRE, blen, LWS_WRITE_HTTP_FINAL);
-        free(buf);
-        if (n < 0)
-            return -1;
-    }
-    return 0;
+    return http_body(wsi, body, blen);
 }
 
 /*
@@ -233,6 +240,7 @@ static int refuse_upgrade(struct lws *wsi, unsigned status, const char *msg)
         const char *text;
     } reasons[] = {{400, "Bad Request"},
                    {401, "Unauthorized"},
+                   {403, "Forbidden"},
                    {404, "Not Found"},
                    {503, "Service Unavailable"}};
     const char *text = "Error";
@@ -487,6 +495,360 @@ static int parse_pty_query(struct lws *wsi, struct pty_query *q, char *why, size
     return 0;
 }
 
+/* ---- the web terminal (PROTOCOL.md 14.8) ---- */
+
+/*
+ * The page at /w/NAME, its login form at /w/NAME/login, and its assets under /web/. The
+ * user token rides in an HttpOnly, SameSite=Strict cookie, never in a URL or the page; it
+ * is accepted on GET /w/NAME and on the pty websocket, where the Origin must then be the
+ * relay itself (no cross-site websocket hijacking).
+ */
+#define WEB_COOKIE "tether_token"
+#define WEB_TOKEN_MAX 1024u
+#define WEB_BODY_MAX 4096u
+#define WEB_COOKIE_MAX_AGE "2592000" /* 30 days */
+#define WEB_HEAD_MAX (LWS_PRE + 6144u)
+
+/* Scripts only from the relay. xterm.js writes <style> elements, hence inline styles. */
+static const char web_csp[] =
+    "default-src 'none'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+    "connect-src 'self'; img-src 'self' data:; font-src 'self'; base-uri 'none'; "
+    "form-action 'self'; frame-ancestors 'none'";
+static const char web_no_assets[] =
+    "built without the web terminal assets: run npm ci in tunnel/web\n";
+
+/* A POST to /w/NAME/login being read. */
+struct web_login {
+    char name[TOKENS_MAX_NAME + 1];
+    char body[WEB_BODY_MAX + 1];
+    size_t len;
+    bool too_big;
+};
+
+/* Decodes %XX (and '+' as a space when form is set) into out; -1 if it does not fit. */
+static int percent_decode(const char *in, size_t n, bool form, char *out, size_t cap)
+{
+    size_t o = 0;
+    for (size_t i = 0; i < n; i++) {
+        char ch = in[i];
+        if (ch == '%' && i + 2 < n && hex_digit(in[i + 1]) >= 0 && hex_digit(in[i + 2]) >= 0) {
+            ch = (char)(hex_digit(in[i + 1]) * 16 + hex_digit(in[i + 2]));
+            i += 2;
+        } else if (ch == '+' && form) {
+            ch = ' ';
+        }
+        if (ch == '\0' || o + 1 >= cap)
+            return -1;
+        out[o++] = ch;
+    }
+    out[o] = '\0';
+    return 0;
+}
+
+/* The token in the request's tether_token cookie into buf; false if there is none. */
+static bool cookie_token(struct lws *wsi, char *buf, size_t len)
+{
+    char hdr[4096];
+    buf[0] = '\0';
+    int total = lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_COOKIE);
+    if (total <= 0 || total >= (int)sizeof(hdr))
+        return false;
+    if (lws_hdr_copy(wsi, hdr, sizeof(hdr), WSI_TOKEN_HTTP_COOKIE) <= 0)
+        return false;
+    for (char *p = hdr; *p;) {
+        p += strspn(p, " \t;");
+        size_t n = strcspn(p, ";");
+        static const char key[] = WEB_COOKIE "=";
+        if (n > sizeof(key) - 1 && strncmp(p, key, sizeof(key) - 1) == 0) {
+            const char *v = p + sizeof(key) - 1;
+            size_t vn = n - (sizeof(key) - 1);
+            while (vn > 0 && (v[vn - 1] == ' ' || v[vn - 1] == '\t'))
+                vn--;
+            if (percent_decode(v, vn, false, buf, len) < 0) {
+                buf[0] = '\0';
+                return false;
+            }
+            return buf[0] != '\0';
+        }
+        p += n;
+    }
+    return false;
+}
+
+/* Is the request's Origin this relay itself (scheme, host and port as in Host)? */
+static bool origin_is_self(struct lws *wsi)
+{
+    char origin[512], host[400], want[420];
+    if (lws_hdr_total_length(wsi, WSI_TOKEN_ORIGIN) >= (int)sizeof(origin) ||
+        lws_hdr_total_length(wsi, WSI_TOKEN_HOST) >= (int)sizeof(host))
+        return false;
+    if (lws_hdr_copy(wsi, origin, sizeof(origin), WSI_TOKEN_ORIGIN) <= 0 ||
+        lws_hdr_copy(wsi, host, sizeof(host), WSI_TOKEN_HOST) <= 0)
+        return false;
+    snprintf(want, sizeof(want), "%s://%s", lws_is_ssl(wsi) ? "https" : "http", host);
+    return strcasecmp(origin, want) == 0;
+}
+
+struct web_header {
+    const char *name; /* lowercase, with the colon */
+    const char *value;
+};
+
+/* Writes a whole web response with the page's security headers and extra ones. */
+static int web_send(struct lws *wsi, unsigned status, const char *ctype, const char *cache,
+                    const struct web_header *extra, size_t nextra, const void *body, size_t blen)
+{
+    uint8_t *head = malloc(WEB_HEAD_MAX);
+    if (!head)
+        return -1;
+    uint8_t *start = head + LWS_PRE, *p = start, *end = head + WEB_HEAD_MAX - 1;
+    const struct web_header common[] = {
+        {"cache-control:", cache},
+        {"content-security-policy:", web_csp},
+        {"x-content-type-options:", "nosniff"},
+        {"referrer-policy:", "no-referrer"},
+        {"x-frame-options:", "DENY"},
+    };
+    int rc = lws_add_http_common_headers(wsi, status, ctype, blen, &p, end);
+    for (size_t i = 0; !rc && i < sizeof(common) / sizeof(common[0]); i++)
+        rc = lws_add_http_header_by_name(wsi, (const unsigned char *)common[i].name,
+                                         (const unsigned char *)common[i].value,
+                                         (int)strlen(common[i].value), &p, end);
+    for (size_t i = 0; !rc && i < nextra; i++)
+        rc = lws_add_http_header_by_name(wsi, (const unsigned char *)extra[i].name,
+                                         (const unsigned char *)extra[i].value,
+                                         (int)strlen(extra[i].value), &p, end);
+    if (rc || lws_finalize_write_http_header(wsi, start, &p, end)) {
+        free(head);
+        return -1;
+    }
+    free(head);
+    return http_body(wsi, body, blen);
+}
+
+static int web_text(struct lws *wsi, unsigned status, const char *text)
+{
+    return web_send(wsi, status, "text/plain; charset=utf-8", "no-store", NULL, 0, text,
+                    strlen(text));
+}
+
+static int web_redirect(struct lws *wsi, const char *location, const char *cookie)
+{
+    struct web_header h[] = {{"location:", location}, {"set-cookie:", cookie}};
+    return web_send(wsi, 303, "text/plain; charset=utf-8", "no-store", h, cookie ? 2 : 1, "", 0);
+}
+
+/* The login form for workspace name (valid names need no escaping in HTML). */
+static int web_login_page(struct lws *wsi, unsigned status, const char *name, const char *msg)
+{
+    char page[2048];
+    int n = snprintf(page, sizeof(page),
+                     "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
+                     "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
+                     "<title>tether: %s</title><link rel=\"icon\" href=\"data:,\">"
+                     "<link rel=\"stylesheet\" href=\"/web/term.css\">"
+                     "<script src=\"/web/login.js\" defer></script></head>\n"
+                     "<body class=\"login\"><form id=\"login\" method=\"post\" "
+                     "action=\"/w/%s/login\"><h1>tether: %s</h1><p class=\"msg\">%s</p>"
+                     "<label for=\"token\">User token</label>"
+                     "<input id=\"token\" name=\"token\" type=\"password\" "
+                     "autocomplete=\"current-password\" required autofocus>"
+                     "<button type=\"submit\">Log in</button></form></body></html>\n",
+                     name, name, name, msg);
+    if (n < 0 || (size_t)n >= sizeof(page))
+        return -1;
+    return web_send(wsi, status, "text/html; charset=utf-8", "no-store", NULL, 0, page, (size_t)n);
+}
+
+enum web_kind { WEB_NONE, WEB_PAGE, WEB_LOGIN, WEB_LOGOUT, WEB_ASSET };
+
+/* /w/NAME, /w/NAME/login, /w/NAME/logout or /web/FILE. */
+static enum web_kind web_route(const char *uri, char name[TOKENS_MAX_NAME + 1])
+{
+    name[0] = '\0';
+    if (strncmp(uri, "/web/", 5) == 0)
+        return WEB_ASSET;
+    if (strncmp(uri, "/w/", 3) != 0)
+        return WEB_NONE;
+    const char *n = uri + 3;
+    size_t nl = strcspn(n, "/");
+    if (nl == 0 || nl > TOKENS_MAX_NAME)
+        return WEB_NONE;
+    memcpy(name, n, nl);
+    name[nl] = '\0';
+    if (!tokens_name_valid(name))
+        return WEB_NONE;
+    const char *rest = n + nl;
+    if (*rest == '\0' || strcmp(rest, "/") == 0)
+        return WEB_PAGE;
+    if (strcmp(rest, "/login") == 0)
+        return WEB_LOGIN;
+    if (strcmp(rest, "/logout") == 0)
+        return WEB_LOGOUT;
+    return WEB_NONE;
+}
+
+static int web_asset(struct lws *wsi, const char *uri)
+{
+    const struct web_asset *a = web_asset_find(uri);
+    if (!a)
+        return web_text(wsi, 404, "not found\n");
+    char inm[128];
+    struct web_header h[] = {{"etag:", a->etag}};
+    if (lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_IF_NONE_MATCH) < (int)sizeof(inm) &&
+        lws_hdr_copy(wsi, inm, sizeof(inm), WSI_TOKEN_HTTP_IF_NONE_MATCH) > 0 &&
+        strcmp(inm, a->etag) == 0)
+        return web_send(wsi, 304, a->content_type, "no-cache", h, 1, "", 0);
+    return web_send(wsi, 200, a->content_type, "no-cache", h, 1, a->data, a->len);
+}
+
+/* GET /w/NAME: the page for a logged-in user, else a redirect to the login form. */
+static int web_page(struct relay *r, struct lws *wsi, const char *name)
+{
+    char token[WEB_TOKEN_MAX + 1], location[TOKENS_MAX_NAME + 16];
+    if (!web_assets_complete)
+        return web_text(wsi, 503, web_no_assets);
+    bearer_token(wsi, token, sizeof(token));
+    if (!token[0])
+        cookie_token(wsi, token, sizeof(token));
+    if (!tokens_user_valid(r->tokens, token)) {
+        snprintf(location, sizeof(location), "/w/%s/login", name);
+        return web_redirect(wsi, location, NULL);
+    }
+    if (!workspace_find(r, name) || !tokens_user_allows(r->tokens, token, name))
+        return web_text(wsi, 404, "no such workspace\n");
+    const struct web_asset *a = web_asset_find("index.html");
+    if (!a)
+        return web_text(wsi, 500, "the page is missing\n");
+    return web_send(wsi, 200, a->content_type, "no-store", NULL, 0, a->data, a->len);
+}
+
+static int web_logout(struct lws *wsi, const char *name)
+{
+    char location[TOKENS_MAX_NAME + 16], cookie[160];
+    snprintf(location, sizeof(location), "/w/%s/login", name);
+    snprintf(cookie, sizeof(cookie), WEB_COOKIE "=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict%s",
+             lws_is_ssl(wsi) ? "; Secure" : "");
+    return web_redirect(wsi, location, cookie);
+}
+
+/* The end of POST /w/NAME/login: a good token sets the cookie, a bad one gets 401. */
+static int web_login_done(struct relay *r, struct lws *wsi, struct web_login *l)
+{
+    char token[WEB_TOKEN_MAX + 1];
+    token[0] = '\0';
+    if (!l->too_big) {
+        l->body[l->len] = '\0';
+        for (char *p = l->body; *p;) {
+            size_t n = strcspn(p, "&");
+            if (n > 6 && strncmp(p, "token=", 6) == 0 &&
+                percent_decode(p + 6, n - 6, true, token, sizeof(token)) < 0)
+                token[0] = '\0';
+            p += n;
+            if (*p)
+                p++;
+        }
+    }
+    bool ok = token[0] && tokens_user_valid(r->tokens, token) && workspace_find(r, l->name) &&
+              tokens_user_allows(r->tokens, token, l->name);
+    if (!ok) {
+        memset(token, 0, sizeof(token));
+        return web_login_page(wsi, 401, l->name, "That token was refused.");
+    }
+    /* The cookie's value: the token with every byte outside [A-Za-z0-9._~-] as %XX. */
+    size_t cap = sizeof(WEB_COOKIE) + 3 * WEB_TOKEN_MAX + 128;
+    char *cookie = malloc(cap), location[TOKENS_MAX_NAME + 8];
+    if (!cookie)
+        return -1;
+    size_t o = (size_t)snprintf(cookie, cap, WEB_COOKIE "=");
+    static const char hexd[] = "0123456789ABCDEF";
+    for (const unsigned char *t = (const unsigned char *)token; *t; t++) {
+        if ((*t >= 'A' && *t <= 'Z') || (*t >= 'a' && *t <= 'z') || (*t >= '0' && *t <= '9') ||
+            *t == '.' || *t == '_' || *t == '~' || *t == '-') {
+            cookie[o++] = (char)*t;
+        } else {
+            cookie[o++] = '%';
+            cookie[o++] = hexd[*t >> 4];
+            cookie[o++] = hexd[*t & 15];
+        }
+    }
+    snprintf(cookie + o, cap - o,
+             "; Path=/; Max-Age=" WEB_COOKIE_MAX_AGE "; HttpOnly; SameSite=Strict%s",
+             lws_is_ssl(wsi) ? "; Secure" : "");
+    snprintf(location, sizeof(location), "/w/%s", l->name);
+    int rc = web_redirect(wsi, location, cookie);
+    memset(cookie, 0, cap);
+    memset(token, 0, sizeof(token));
+    free(cookie);
+    return rc;
+}
+
+static void web_login_free(struct relay_pss *pss)
+{
+    if (pss->kind != PSS_LOGIN)
+        return;
+    struct web_login *l = pss->obj;
+    memset(l, 0, sizeof(*l));
+    free(l);
+    pss->kind = PSS_NONE;
+    pss->obj = NULL;
+}
+
+/*
+ * A web request: returns 1 if it was not one (the JSON API goes on), 0 once answered, 2 when
+ * a login body is to be read, -1 on failure.
+ */
+static int serve_web(struct relay *r, struct lws *wsi, struct relay_pss *pss, const char *uri)
+{
+    char name[TOKENS_MAX_NAME + 1];
+    enum web_kind kind = web_route(uri, name);
+    if (kind == WEB_NONE)
+        return 1;
+    bool get = lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) > 0;
+    bool post = lws_hdr_total_length(wsi, WSI_TOKEN_POST_URI) > 0;
+    if (kind == WEB_LOGIN && post) {
+        char cl[32] = "";
+        if (lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_CONTENT_LENGTH) < (int)sizeof(cl))
+            lws_hdr_copy(wsi, cl, sizeof(cl), WSI_TOKEN_HTTP_CONTENT_LENGTH);
+        long want = strtol(cl, NULL, 10);
+        if (want > (long)WEB_BODY_MAX)
+            return web_text(wsi, 413, "request too large\n") < 0 ? -1 : 0;
+        struct web_login *l = calloc(1, sizeof(*l));
+        if (!l)
+            return -1;
+        snprintf(l->name, sizeof(l->name), "%s", name);
+        web_login_free(pss);
+        pss->kind = PSS_LOGIN;
+        pss->obj = l;
+        if (want <= 0) {
+            int rc = web_login_done(r, wsi, l);
+            web_login_free(pss);
+            return rc < 0 ? -1 : 0;
+        }
+        return 2;
+    }
+    if (kind == WEB_LOGOUT && (get || post))
+        return web_logout(wsi, name) < 0 ? -1 : 0;
+    if (!get)
+        return web_text(wsi, 405, "method not allowed\n") < 0 ? -1 : 0;
+    int rc;
+    switch (kind) {
+    case WEB_PAGE:
+        rc = web_page(r, wsi, name);
+        break;
+    case WEB_LOGIN:
+        rc = web_login_page(wsi, 200, name, "");
+        break;
+    case WEB_ASSET:
+        rc = web_asset(wsi, uri);
+        break;
+    default:
+        rc = web_text(wsi, 404, "not found\n");
+        break;
+    }
+    return rc < 0 ? -1 : 0;
+}
+
 static int serve_http(struct relay *r, struct lws *wsi, const char *uri)
 {
     char token[1100];
@@ -547,6 +909,13 @@ static int confirm_upgrade(struct relay *r, struct lws *wsi)
     }
     if (!is_client_route(rt.kind))
         return refuse_upgrade(wsi, 404, "not found");
+    /* The web terminal's cookie stands in for the header on pty upgrades from the relay's
+     * own pages only: a cross-site page's websocket would carry it too (PROTOCOL.md 14.8). */
+    if (!token[0] && rt.kind == ROUTE_PTY && cookie_token(wsi, token, sizeof(token)) &&
+        !origin_is_self(wsi)) {
+        memset(token, 0, sizeof(token));
+        return refuse_upgrade(wsi, 403, "cross-origin request refused");
+    }
     if (!tokens_user_valid(r->tokens, token))
         return refuse_upgrade(wsi, 401, "unauthorized");
     struct relay_workspace *w = workspace_find(r, rt.name);
@@ -1296,10 +1665,40 @@ static int relay_callback(struct lws *wsi, enum lws_callback_reasons reason, voi
         return lws_callback_http_dummy(wsi, reason, user, in, len);
 
     switch (reason) {
-    case LWS_CALLBACK_HTTP:
-        if (serve_http(r, wsi, in) < 0)
+    case LWS_CALLBACK_HTTP: {
+        int rc = serve_web(r, wsi, pss, in);
+        if (rc == 2)
+            return 0; /* the login form's body follows */
+        if (rc == 1)
+            rc = serve_http(r, wsi, in);
+        if (rc < 0)
             return -1;
         return lws_http_transaction_completed(wsi) ? -1 : 0;
+    }
+    case LWS_CALLBACK_HTTP_BODY:
+        if (pss->kind == PSS_LOGIN) {
+            struct web_login *l = pss->obj;
+            if (len > WEB_BODY_MAX - l->len)
+                l->too_big = true;
+            else {
+                memcpy(l->body + l->len, in, len);
+                l->len += len;
+            }
+            return 0;
+        }
+        return lws_callback_http_dummy(wsi, reason, user, in, len);
+    case LWS_CALLBACK_HTTP_BODY_COMPLETION:
+        if (pss->kind == PSS_LOGIN) {
+            int rc = web_login_done(r, wsi, pss->obj);
+            web_login_free(pss);
+            if (rc < 0)
+                return -1;
+            return lws_http_transaction_completed(wsi) ? -1 : 0;
+        }
+        return lws_callback_http_dummy(wsi, reason, user, in, len);
+    case LWS_CALLBACK_CLOSED_HTTP:
+        web_login_free(pss);
+        return lws_callback_http_dummy(wsi, reason, user, in, len);
     case LWS_CALLBACK_HTTP_CONFIRM_UPGRADE:
         if (strcmp(in, "websocket") != 0)
             return -1;

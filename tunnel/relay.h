@@ -6,7 +6,9 @@
  *   GET  /api/v1/workspaces/NAME       one workspace
  *   WS   /api/v1/agent                 agents dial in here (subprotocol tether.v1)
  *   WS   /api/v1/workspaces/NAME/tcp/PORT   a raw byte stream to 127.0.0.1:PORT in NAME
- * Agents and users authenticate with "Authorization: Bearer TOKEN" (tokens.h).
+ *   GET  /w/NAME, /w/NAME/login, /web/FILE  the web terminal (PROTOCOL.md 14.8)
+ * Agents and users authenticate with "Authorization: Bearer TOKEN" (tokens.h); the web
+ * terminal's cookie stands in for a user token on its page and pty websocket.
  */
 #ifndef TETHER_RELAY_H
 #define TETHER_RELAY_H
