@@ -7,16 +7,23 @@
 
 #include <jansson.h>
 
+#include "activity.h"
 #include "portfwd.h"
 #include "ptystream.h"
 #include "stream.h"
 #include "tunnel/log.h"
+
+#define AGENT_STATS_MS 30000u /* stats interval until a manifest says otherwise */
 
 struct agent {
     uv_loop_t *loop;
     struct dial *dial;
     struct sshd *sshd;
     struct rpty_registry ptys; /* only with sshd: it shares the reaper */
+    struct activity activity;
+    uv_timer_t stats_timer;
+    uint64_t stats_interval_ms;
+    bool connected;
     struct portfwd_shared pf;
     void (*done)(void *);
     void *done_arg;
@@ -37,6 +44,7 @@ static void open_pty(struct agent *a, struct mux *m, uint32_t id, const struct p
         .cwd = sshd_session_dir(a->sshd),
         .oom_score_adj = sshd_child_oom_adj(a->sshd),
         .nice = SSHD_CHILD_NICE_DELTA,
+        .activity = &a->activity,
     };
     ptystream_open(&a->ptys, &env, m, id, o);
     sshd_pty_env_free(envp);
@@ -104,6 +112,8 @@ static void on_stream_closed(void *ud, uint32_t id, void *s, uint32_t code, cons
         st->ops->closed(st, code);
 }
 
+static void set_stats_interval(struct agent *a, uint64_t ms);
+
 static void on_control(void *ud, json_t *msg)
 {
     struct agent *a = ud;
@@ -112,12 +122,62 @@ static void on_control(void *ud, json_t *msg)
         log_info("serving workspace %s", json_string_value(json_object_get(msg, "workspace")));
         if (a->sshd)
             sshd_set_manifest(a->sshd, msg);
+        json_t *iv = json_object_get(msg, "stats_interval");
+        set_stats_interval(a, iv ? (uint64_t)json_integer_value(iv) * 1000 : AGENT_STATS_MS);
     } else if (strcmp(type, "shutdown") == 0) {
         const char *why = json_string_value(json_object_get(msg, "reason"));
         log_info("the relay asks for shutdown%s%s", why ? ": " : "", why ? why : "");
         if (a->on_shutdown)
             a->on_shutdown(a->shutdown_arg);
     }
+}
+
+/* Stats on stream 0 (PROTOCOL.md 12.5): sessions by type, bytes by kind, idleness. */
+static void send_stats(struct agent *a)
+{
+    if (!a->connected)
+        return;
+    json_t *sessions = json_object(), *rx = json_object(), *tx = json_object();
+    if (a->sshd) {
+        static const struct {
+            const char *name;
+            enum sshd_session_type type;
+        } types[] = {{"ssh", SSHD_TYPE_SSH},
+                     {"vscode", SSHD_TYPE_VSCODE},
+                     {"jetbrains", SSHD_TYPE_JETBRAINS},
+                     {"sftp", SSHD_TYPE_SFTP}};
+        for (size_t i = 0; i < sizeof(types) / sizeof(types[0]); i++)
+            json_object_set_new(sessions, types[i].name,
+                                json_integer(sshd_session_count(a->sshd, types[i].type)));
+        json_object_set_new(sessions, "pty", json_integer(a->ptys.count));
+    }
+    json_object_set_new(sessions, "forward", json_integer(a->pf.forwards));
+    for (int k = 0; k < ACTIVITY_KINDS; k++) {
+        json_object_set_new(rx, activity_kind_name(k), json_integer((json_int_t)a->activity.rx[k]));
+        json_object_set_new(tx, activity_kind_name(k), json_integer((json_int_t)a->activity.tx[k]));
+    }
+    json_t *msg = json_pack("{s:s, s:I, s:o, s:o, s:o}", "type", "stats", "idle_ms",
+                            (json_int_t)activity_idle_ms(&a->activity), "sessions", sessions,
+                            "rx_bytes", rx, "tx_bytes", tx);
+    if (msg && a->activity.last_mono_ms)
+        json_object_set_new(msg, "last_activity", json_integer(a->activity.last_unix_ms));
+    if (msg)
+        dial_send_control(a->dial, msg);
+    json_decref(msg);
+}
+
+static void on_stats_timer(uv_timer_t *t)
+{
+    send_stats(t->data);
+}
+
+/* The manifest's stats_interval (seconds; 0: no stats), else the default. */
+static void set_stats_interval(struct agent *a, uint64_t ms)
+{
+    a->stats_interval_ms = ms;
+    uv_timer_stop(&a->stats_timer);
+    if (ms)
+        uv_timer_start(&a->stats_timer, on_stats_timer, ms, ms);
 }
 
 static void on_connected(void *ud, struct mux *m)
@@ -140,11 +200,14 @@ static void on_connected(void *ud, struct mux *m)
     if (hello)
         dial_send_control(a->dial, hello);
     json_decref(hello);
+    a->connected = true;
+    send_stats(a); /* once right away, then every interval */
 }
 
 static void on_disconnected(void *ud, const char *why)
 {
-    (void)ud;
+    struct agent *a = ud;
+    a->connected = false;
     log_warn("disconnected from the relay: %s", why);
 }
 
@@ -161,6 +224,11 @@ static const struct dial_events agent_dial_events = {
     .connected = on_connected,
     .disconnected = on_disconnected,
 };
+
+static void free_on_close(uv_handle_t *h)
+{
+    free(h->data);
+}
 
 struct agent *agent_new(uv_loop_t *loop, const struct dial_config *cfg, struct sshd *sshd,
                         const struct rpty_config *pty_cfg, void (*on_shutdown)(void *arg),
@@ -179,9 +247,17 @@ struct agent *agent_new(uv_loop_t *loop, const struct dial_config *cfg, struct s
     a->shutdown_arg = arg;
     a->loop = loop;
     a->pf.loop = loop;
+    activity_init(&a->activity, loop);
+    a->pf.activity = &a->activity;
+    if (sshd)
+        sshd_set_activity(sshd, &a->activity);
+    uv_timer_init(loop, &a->stats_timer);
+    a->stats_timer.data = a;
+    set_stats_interval(a, AGENT_STATS_MS);
     a->dial = dial_new(loop, cfg, &agent_streams, &agent_dial_events, a);
     if (!a->dial) {
-        free(a);
+        /* The timer's handle must close before the memory goes: free from its callback. */
+        uv_close((uv_handle_t *)&a->stats_timer, free_on_close);
         return NULL;
     }
     return a;
@@ -193,14 +269,20 @@ void agent_start(struct agent *a)
     dial_start(a->dial);
 }
 
-static void on_sshd_freed(void *arg)
+static void on_timer_closed(uv_handle_t *h)
 {
-    struct agent *a = arg;
+    struct agent *a = h->data;
     void (*done)(void *) = a->done;
     void *done_arg = a->done_arg;
     free(a);
     if (done)
         done(done_arg);
+}
+
+static void on_sshd_freed(void *arg)
+{
+    struct agent *a = arg;
+    uv_close((uv_handle_t *)&a->stats_timer, on_timer_closed);
 }
 
 static void on_dial_stopped(void *arg)

@@ -20,6 +20,10 @@ static const char relay_usage[] =
     "                             must not be readable by group or others\n"
     "  --tls-cert FILE            serve wss:// and https:// with this PEM certificate chain\n"
     "  --tls-key FILE             ... and this PEM private key\n"
+    "  --idle-timeout DURATION    a workspace with no activity this long is idle (e.g. 30m)\n"
+    "  --on-idle COMMAND          run COMMAND (with sh -c, TETHER_WORKSPACE=NAME in its\n"
+    "                             environment) once each time a workspace becomes idle\n"
+    "  --stats-interval SECONDS   how often agents report activity (default 30; 0 = never)\n"
     "  --keepalive-idle DURATION  ping an agent after this much silence (default 15s)\n"
     "  --keepalive-timeout DURATION  drop an agent after this much silence (default 45s)\n"
     "  --log-level LEVEL          error, warn, info (default) or debug\n"
@@ -58,6 +62,9 @@ int cmd_relay(int argc, char **argv)
         {"tokens", required_argument, NULL, 'k'},
         {"tls-cert", required_argument, NULL, 'c'},
         {"tls-key", required_argument, NULL, 'K'},
+        {"idle-timeout", required_argument, NULL, 'd'},
+        {"on-idle", required_argument, NULL, 'o'},
+        {"stats-interval", required_argument, NULL, 's'},
         CLI_OPTS_KEEPALIVE,
         CLI_OPTS_END,
     };
@@ -85,6 +92,25 @@ int cmd_relay(int argc, char **argv)
         case 'K':
             key = optarg;
             continue;
+        case 'd':
+            if (cli_duration_ms(optarg, &cfg.idle_timeout_ms) < 0 || cfg.idle_timeout_ms < 1000) {
+                cli_error("bad --idle-timeout '%s' (e.g. 90s, 30m; at least 1s)", optarg);
+                return EXIT_USAGE;
+            }
+            continue;
+        case 'o':
+            cfg.on_idle = optarg;
+            continue;
+        case 's': {
+            char *end;
+            unsigned long v = strtoul(optarg, &end, 10);
+            if (end == optarg || *end || v > 86400) {
+                cli_error("bad --stats-interval '%s' (seconds, 0..86400)", optarg);
+                return EXIT_USAGE;
+            }
+            cfg.stats_interval_s = (unsigned)v;
+            continue;
+        }
         }
         int rc = cli_shared_option(&sh, c, argv);
         if (rc != CLI_NEXT)
@@ -99,6 +125,10 @@ int cmd_relay(int argc, char **argv)
     }
     if (!cert != !key) {
         cli_error("--tls-cert and --tls-key go together");
+        return EXIT_USAGE;
+    }
+    if (!cfg.idle_timeout_ms != !cfg.on_idle) {
+        cli_error("--idle-timeout and --on-idle go together");
         return EXIT_USAGE;
     }
     char host[256];

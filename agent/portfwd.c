@@ -28,6 +28,7 @@ struct portfwd {
     bool fin_from_peer;
     bool shutdown_started;
     bool closing;
+    bool counted;          /* in sh->forwards */
     size_t writes_pending; /* bytes handed to uv_write and not yet completed */
 };
 
@@ -42,7 +43,10 @@ static const struct stream_ops portfwd_ops;
 
 static void on_closed_handle(uv_handle_t *h)
 {
-    free(h->data);
+    struct portfwd *p = h->data;
+    if (p->counted)
+        p->sh->forwards--;
+    free(p);
 }
 
 /*
@@ -101,6 +105,8 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     if (nread > 0) {
         /* on_alloc sized the buffer to the stream's room, so the mux takes it all. */
         mux_stream_send(p->mux, p->id, (const uint8_t *)buf->base, (size_t)nread);
+        if (!p->is_pipe)
+            activity_note(p->sh->activity, ACTIVITY_FORWARD, 0, (size_t)nread, 1);
         if (mux_stream_room(p->mux, p->id) == 0) {
             uv_read_stop(s);
             p->reading = false;
@@ -167,6 +173,8 @@ static void on_connect(uv_connect_t *req, int status)
         return;
     }
     p->connected = true;
+    p->counted = true;
+    p->sh->forwards++;
     uv_tcp_nodelay(&p->h.tcp, 1);
     if (mux_stream_accept(p->mux, p->id, p) < 0) {
         p->mux = NULL;
@@ -196,6 +204,8 @@ static void pf_data(void *s, const uint8_t *data, size_t len)
     struct portfwd *p = s;
     if (p->closing)
         return;
+    if (!p->is_pipe)
+        activity_note(p->sh->activity, ACTIVITY_FORWARD, len, 0, 1);
     size_t done = 0;
     /* Try the socket first: most writes complete at once and need no copy. */
     if (p->writes_pending == 0) {

@@ -10,6 +10,7 @@
 
 #include <uv.h>
 
+#include "activity.h"
 #include "proto/proto.h"
 #include "tunnel/mux.h"
 
@@ -19,6 +20,8 @@
 /* Shared by every forwarded connection of one agent: reads are consumed at once. */
 struct portfwd_shared {
     uv_loop_t *loop;
+    struct activity *activity; /* forwards' bytes count as activity (SSH's pipes do not) */
+    unsigned forwards;         /* open tcp forwards */
     uint8_t read_buf[PORTFWD_READ_MAX];
 };
 

@@ -30,7 +30,8 @@ struct ptystream {
     struct bytebuf rec; /* plain record bytes being parsed */
     size_t taken;       /* of the DATA record at rec's front, the bytes the PTY took */
     struct bytebuf out; /* encoded output waiting for credit */
-    bool exited;        /* EXIT is queued: FIN follows the last byte */
+    struct activity *activity;
+    bool exited; /* EXIT is queued: FIN follows the last byte */
     bool fin_sent;
 };
 
@@ -133,6 +134,7 @@ static void on_output(void *ud, const uint8_t *data, size_t len)
 {
     struct ptystream *p = ud;
     int rc = 0;
+    activity_note(p->activity, ACTIVITY_PTY, 0, len, 0);
     while (len > 0 && rc == 0) {
         size_t n = len < PROTO_PTYREC_MAX_BODY ? len : PROTO_PTYREC_MAX_BODY;
         rc = out_record(p, PROTO_PTYREC_DATA, data, n);
@@ -189,7 +191,9 @@ static int handle_records(struct ptystream *p)
         if (n == 0)
             return 0;
         if (r.type == PROTO_PTYREC_DATA && p->att) {
-            p->taken += rpty_input(p->att, r.body + p->taken, r.len - p->taken);
+            size_t n = rpty_input(p->att, r.body + p->taken, r.len - p->taken);
+            activity_note(p->activity, ACTIVITY_PTY, n, 0, 1);
+            p->taken += n;
             if (p->taken < r.len)
                 return 1; /* input_ready resumes here */
         } else if (r.type == PROTO_PTYREC_RESIZE && p->att) {
@@ -312,6 +316,7 @@ void ptystream_open(struct rpty_registry *reg, const struct ptystream_env *env, 
     }
     p->base.ops = &ptystream_ops;
     p->id = id;
+    p->activity = env->activity;
     p->backlog_max = reg->cfg.ring_size + PTYSTREAM_BACKLOG_SLACK;
     p->zlib = (o->pty_options & PROTO_PTY_OPT_ZLIB) != 0;
     if (p->zlib) {

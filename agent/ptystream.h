@@ -10,6 +10,7 @@
 
 #include <stdint.h>
 
+#include "activity.h"
 #include "proto/proto.h"
 #include "pty/rpty.h"
 #include "tunnel/mux.h"
@@ -26,6 +27,7 @@ struct ptystream_env {
     const char *cwd;
     int oom_score_adj;
     int nice;
+    struct activity *activity; /* input counts as activity; may be NULL */
 };
 
 /*

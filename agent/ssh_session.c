@@ -34,6 +34,12 @@ static bool single_fd(const struct ssh_chan *ch)
     return ch->pty || ch->is_socket;
 }
 
+/* What the channel's bytes count as: forwards, SFTP, or SSH sessions. */
+static enum activity_kind chan_kind(const struct ssh_chan *ch)
+{
+    return ch->is_socket ? ACTIVITY_FORWARD : ch->sftp ? ACTIVITY_SFTP : ACTIVITY_SSH;
+}
+
 static struct chan_fd *input_watch(struct ssh_chan *ch)
 {
     return single_fd(ch) ? &ch->out : &ch->in;
@@ -297,6 +303,7 @@ static int start_process(struct ssh_chan *ch, const char *path, char *const *arg
     ch->type = session_type(ch, command);
     d->sessions[ch->type]++;
     ch->counted = true;
+    activity_touch(d->activity); /* starting a shell or a command is someone at work */
     /* The command may hold secrets: only at debug level. */
     log_debug("ssh: started pid %d%s: %s", (int)io.pid, ch->pty ? " on a pty" : "",
               command ? command : argv[0]);
@@ -326,6 +333,8 @@ static void read_output(struct ssh_chan *ch, struct chan_fd *w)
                               : ssh_channel_write(ch->channel, buf, (uint32_t)n);
         if (rc < 0)
             ch->conn->dead = true;
+        /* Output alone is activity only for forwards (traffic either way counts there). */
+        activity_note(ch->conn->d->activity, chan_kind(ch), 0, (size_t)n, ch->is_socket);
         return;
     }
     if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
@@ -488,6 +497,7 @@ static void flush_input(struct ssh_chan *ch)
         }
         ch->leftover -= (size_t)r;
         ch->in_len = (size_t)r;
+        activity_note(ch->conn->d->activity, chan_kind(ch), (size_t)r, 0, 1);
     }
     if (ch->in_len == 0) { /* idle sessions keep no buffer */
         free(ch->in_buf);
@@ -598,6 +608,7 @@ static void sftp_send(struct ssh_chan *ch)
             return;
         }
         sftp_server_consumed(ch->sftp, (size_t)rc);
+        activity_note(ch->conn->d->activity, ACTIVITY_SFTP, 0, (size_t)rc, 0);
     }
 }
 
@@ -711,6 +722,8 @@ static int on_data(ssh_session s, ssh_channel channel, void *data, uint32_t len,
     if (n < 0)
         return (int)len; /* the child's input is closed: nothing will read it */
     ch->leftover = len - (size_t)n;
+    /* Counted when taken: libssh offers what it keeps again with the next packet. */
+    activity_note(ch->conn->d->activity, chan_kind(ch), (size_t)n, 0, 1);
     return (int)n;
 }
 
@@ -888,9 +901,10 @@ static int start_sftp(struct ssh_chan *ch)
         return -1;
     ch->open_handles++; /* the engine: released by sftp_done */
     ch->state = CHAN_RUNNING;
-    ch->type = SSHD_TYPE_SSH;
+    ch->type = SSHD_TYPE_SFTP;
     d->sessions[ch->type]++;
     ch->counted = true;
+    activity_touch(d->activity);
     return 0;
 }
 
@@ -904,7 +918,12 @@ static int on_subsystem(ssh_session s, ssh_channel channel, const char *subsyste
         return -1;
     if (server) {
         char *argv[] = {(char *)server, NULL};
-        return start_process(ch, server, argv, NULL);
+        if (start_process(ch, server, argv, NULL) < 0)
+            return -1;
+        ch->conn->d->sessions[ch->type]--; /* counted as sftp, whatever runs it */
+        ch->type = SSHD_TYPE_SFTP;
+        ch->conn->d->sessions[ch->type]++;
+        return 0;
     }
     return start_sftp(ch);
 }

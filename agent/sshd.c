@@ -467,3 +467,8 @@ struct proc_reaper *sshd_reaper(struct sshd *d)
 {
     return &d->reaper;
 }
+
+void sshd_set_activity(struct sshd *d, struct activity *activity)
+{
+    d->activity = activity;
+}

@@ -24,11 +24,18 @@
 #include <jansson.h>
 #include <uv.h>
 
+#include "activity.h"
 #include "portfwd.h"
 #include "tunnel/mux.h"
 
 /* Counted per type for the activity statistics. */
-enum sshd_session_type { SSHD_TYPE_SSH, SSHD_TYPE_VSCODE, SSHD_TYPE_JETBRAINS, SSHD_TYPE_COUNT };
+enum sshd_session_type {
+    SSHD_TYPE_SSH,
+    SSHD_TYPE_VSCODE,
+    SSHD_TYPE_JETBRAINS,
+    SSHD_TYPE_SFTP,
+    SSHD_TYPE_COUNT
+};
 
 /* Session processes yield to the agent: nicer, and first in line for the OOM killer. */
 #define SSHD_CHILD_NICE_DELTA 5
@@ -84,6 +91,9 @@ const char *sshd_session_dir(const struct sshd *d);
 int sshd_child_oom_adj(const struct sshd *d);
 /* The reaper of the agent's children (shared by SSH sessions and PTYs). */
 struct proc_reaper *sshd_reaper(struct sshd *d);
+
+/* Where channel data is counted (the agent's; NULL: nowhere). */
+void sshd_set_activity(struct sshd *d, struct activity *activity);
 
 /* Open session channels by type. */
 unsigned sshd_session_count(const struct sshd *d, enum sshd_session_type type);

@@ -42,6 +42,7 @@ struct sshd {
     struct proc_reaper reaper;
     int child_oom_adj;
     json_t *manifest; /* the relay's last manifest, or NULL */
+    struct activity *activity;
     uv_poll_t *listen_poll;
     int listen_fd; /* the local listener, -1 without one */
     int listen_port;

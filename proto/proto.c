@@ -508,6 +508,24 @@ static int want_uint(const json_t *o, const char *key, json_int_t max, char *err
     return 0;
 }
 
+/* Counters by name: at most PROTO_MAX_STATS_KEYS names of 1..64 bytes, integers >= 0. */
+static int want_count_map(const json_t *o, const char *key, char *err, size_t errlen)
+{
+    json_t *v = json_object_get(o, key);
+    if (!v)
+        return 0;
+    if (!json_is_object(v) || json_object_size(v) > PROTO_MAX_STATS_KEYS)
+        FAIL("\"%s\" must be an object of at most %u counters", key, PROTO_MAX_STATS_KEYS);
+    const char *k;
+    json_t *e;
+    json_object_foreach((json_t *)v, k, e)
+    {
+        if (strlen(k) == 0 || strlen(k) > 64 || !json_is_integer(e) || json_integer_value(e) < 0)
+            FAIL("\"%s\" must map names of 1 to 64 bytes to integers >= 0", key);
+    }
+    return 0;
+}
+
 int proto_control_validate(const json_t *msg, char *err, size_t errlen)
 {
     if (!json_is_object(msg))
@@ -532,6 +550,15 @@ int proto_control_validate(const json_t *msg, char *err, size_t errlen)
             return PROTO_E_JSON;
     } else if (strcmp(type, "shutdown") == 0) {
         if (want_string(msg, "reason", 0, err, errlen))
+            return PROTO_E_JSON;
+    } else if (strcmp(type, "stats") == 0) {
+        if (!json_object_get(msg, "idle_ms"))
+            FAIL("\"idle_ms\" is missing");
+        if (want_uint(msg, "idle_ms", INT64_MAX, err, errlen) ||
+            want_uint(msg, "last_activity", INT64_MAX, err, errlen) ||
+            want_count_map(msg, "sessions", err, errlen) ||
+            want_count_map(msg, "rx_bytes", err, errlen) ||
+            want_count_map(msg, "tx_bytes", err, errlen))
             return PROTO_E_JSON;
     }
     return 0;

@@ -32,9 +32,10 @@
 #define PROTO_MAX_WINDOW (16u * 1024 * 1024)     /* credit may never run further ahead */
 #define PROTO_DEFAULT_MAX_STREAMS 1024u          /* streams the peer may have open at once */
 #define PROTO_MAX_STREAMS_LIMIT (1u << 20)
-#define PROTO_MAX_TEXT 1024u /* reason text in OPEN_FAIL, RST, GOAWAY */
-#define PROTO_MAX_HOST 255u  /* host in a tcp OPEN */
-#define PROTO_MAX_OPEN 8192u /* an OPEN payload of any kind */
+#define PROTO_MAX_TEXT 1024u     /* reason text in OPEN_FAIL, RST, GOAWAY */
+#define PROTO_MAX_HOST 255u      /* host in a tcp OPEN */
+#define PROTO_MAX_OPEN 8192u     /* an OPEN payload of any kind */
+#define PROTO_MAX_STATS_KEYS 32u /* names in each counter object of a stats message */
 #define PROTO_MAX_HELLO_SETTINGS 16u
 #define PROTO_PING_SIZE 8u
 

@@ -16,6 +16,7 @@
 
 /* How often the relay ticks every agent's keepalive. */
 #define RELAY_TICK_MS 500u
+#define RELAY_STATS_INTERVAL_S 30u /* agents' stats, unless --stats-interval says otherwise */
 #define RELAY_MAX_WORKSPACES 100000u
 /* lws hands websocket payload to the relay in pieces of at most this many bytes. */
 #define RELAY_RX_BUFFER (64u * 1024)
@@ -51,7 +52,10 @@ struct relay_workspace {
     char hostname[256];
     char os[32];
     char arch[32];
-    int64_t last_seen_ms; /* unix ms of the last frame from an agent, or -1 */
+    int64_t last_seen_ms;   /* unix ms of the last frame from an agent, or -1 */
+    json_t *stats;          /* the agent's last stats message, or NULL */
+    uint64_t stats_mono_ms; /* when it arrived (uv_now) */
+    bool idle_fired;        /* on_idle ran for the current idle period */
 };
 
 /*
@@ -128,6 +132,7 @@ void relay_config_default(struct relay_config *cfg)
     memset(cfg, 0, sizeof(*cfg));
     cfg->keepalive_idle_ms = MUX_KEEPALIVE_IDLE_MS;
     cfg->keepalive_timeout_ms = MUX_KEEPALIVE_TIMEOUT_MS;
+    cfg->stats_interval_s = RELAY_STATS_INTERVAL_S;
 }
 
 /*
@@ -168,7 +173,22 @@ static struct relay_workspace *workspace_find(struct relay *r, const char *name)
     return NULL;
 }
 
-static json_t *workspace_json(const struct relay_workspace *w)
+/* Milliseconds the workspace has been idle, from its agent's last stats; -1 if unknown. */
+static int64_t idle_ms(const struct relay *r, const struct relay_workspace *w)
+{
+    if (!w->stats)
+        return -1;
+    uint64_t reported = (uint64_t)json_integer_value(json_object_get(w->stats, "idle_ms"));
+    return (int64_t)(reported + (uv_now(r->loop) - w->stats_mono_ms));
+}
+
+static json_t *stats_member(const struct relay_workspace *w, const char *key)
+{
+    json_t *v = w->stats ? json_object_get(w->stats, key) : NULL;
+    return v ? json_deep_copy(v) : json_object();
+}
+
+static json_t *workspace_json(const struct relay *r, const struct relay_workspace *w)
 {
     json_t *o = json_object();
     json_object_set_new(o, "name", json_string(w->name));
@@ -180,6 +200,14 @@ static json_t *workspace_json(const struct relay_workspace *w)
     json_object_set_new(o, "hostname", w->hostname[0] ? json_string(w->hostname) : json_null());
     json_object_set_new(o, "os", w->os[0] ? json_string(w->os) : json_null());
     json_object_set_new(o, "arch", w->arch[0] ? json_string(w->arch) : json_null());
+    json_t *last = w->stats ? json_object_get(w->stats, "last_activity") : NULL;
+    json_object_set_new(o, "last_activity",
+                        last ? json_integer(json_integer_value(last)) : json_null());
+    int64_t idle = idle_ms(r, w);
+    json_object_set_new(o, "idle_seconds", idle >= 0 ? json_integer(idle / 1000) : json_null());
+    json_object_set_new(o, "sessions", stats_member(w, "sessions"));
+    json_object_set_new(o, "rx_bytes", stats_member(w, "rx_bytes"));
+    json_object_set_new(o, "tx_bytes", stats_member(w, "tx_bytes"));
     return o;
 }
 
@@ -866,12 +894,12 @@ static int serve_http(struct relay *r, struct lws *wsi, const char *uri)
         body = json_array();
         for (size_t i = 0; i < r->nworkspaces; i++)
             if (tokens_user_allows(r->tokens, token, r->workspaces[i].name))
-                json_array_append_new(body, workspace_json(&r->workspaces[i]));
+                json_array_append_new(body, workspace_json(r, &r->workspaces[i]));
     } else {
         struct relay_workspace *w = workspace_find(r, rt.name);
         if (!w || !tokens_user_allows(r->tokens, token, rt.name))
             return http_error(wsi, 404, "no such workspace");
-        body = workspace_json(w);
+        body = workspace_json(r, w);
     }
     char *s = json_dumps(body, JSON_COMPACT);
     json_decref(body);
@@ -1446,9 +1474,15 @@ static void a_control(void *ud, json_t *msg)
 {
     struct relay_agent *a = ud;
     const char *type = json_string_value(json_object_get(msg, "type"));
+    struct relay_workspace *w = a->ws;
+    if (strcmp(type, "stats") == 0 && a->current) { /* proto checked its schema */
+        json_decref(w->stats);
+        w->stats = json_incref(msg);
+        w->stats_mono_ms = uv_now(a->relay->loop);
+        return;
+    }
     if (strcmp(type, "hello") != 0 || !a->current)
         return;
-    struct relay_workspace *w = a->ws;
     /* proto_control_validate checked these are strings; they are still the agent's words. */
     const struct {
         const char *key;
@@ -1466,7 +1500,8 @@ static void a_control(void *ud, json_t *msg)
     }
     log_info("workspace %s: agent %s on %s (%s/%s) connected", w->name, w->agent_version,
              w->hostname, w->os, w->arch);
-    json_t *manifest = json_pack("{s:s, s:s}", "type", "manifest", "workspace", w->name);
+    json_t *manifest = json_pack("{s:s, s:s, s:I}", "type", "manifest", "workspace", w->name,
+                                 "stats_interval", (json_int_t)a->relay->cfg.stats_interval_s);
     mux_send_control(a->mux, manifest);
     json_decref(manifest);
 }
@@ -1625,10 +1660,75 @@ static void agent_closed(struct relay *r, struct relay_agent *a)
     free(a);
 }
 
+static void on_idle_exit(uv_process_t *p, int64_t status, int signum)
+{
+    log_info("--on-idle command for %s ended (status %lld%s%s)", (char *)p->data, (long long)status,
+             signum ? ", signal " : "", signum ? strsignal(signum) : "");
+    uv_close((uv_handle_t *)p, (uv_close_cb)free);
+}
+
+/* Runs the --on-idle command for w, once per idle period. */
+static void run_on_idle(struct relay *r, struct relay_workspace *w)
+{
+    extern char **environ;
+    size_t n = 0;
+    while (environ[n])
+        n++;
+    char var[TOKENS_MAX_NAME + 32];
+    snprintf(var, sizeof(var), "TETHER_WORKSPACE=%s", w->name);
+    char **env = calloc(n + 2, sizeof(char *));
+    /* The process handle and the name it logs live in one block, freed when it closes. */
+    uv_process_t *p = malloc(sizeof(*p) + sizeof(w->name));
+    if (!env || !p) {
+        free(env);
+        free(p);
+        log_error("--on-idle for %s: out of memory", w->name);
+        return;
+    }
+    size_t k = 0;
+    for (size_t i = 0; i < n; i++)
+        if (strncmp(environ[i], "TETHER_WORKSPACE=", 17) != 0)
+            env[k++] = environ[i];
+    env[k++] = var;
+    env[k] = NULL;
+    char *args[] = {"/bin/sh", "-c", (char *)r->cfg.on_idle, NULL};
+    uv_process_options_t o = {.exit_cb = on_idle_exit, .file = "/bin/sh", .args = args, .env = env};
+    p->data = (char *)(p + 1);
+    memcpy(p->data, w->name, sizeof(w->name));
+    int rc = uv_spawn(r->loop, p, &o);
+    free(env);
+    if (rc < 0) {
+        log_error("--on-idle for %s: cannot run: %s", w->name, uv_strerror(rc));
+        uv_close((uv_handle_t *)p, (uv_close_cb)free);
+        return;
+    }
+    log_info("workspace %s idle for %llu s: ran --on-idle (pid %d)", w->name,
+             (unsigned long long)(idle_ms(r, w) / 1000), p->pid);
+}
+
+static void check_idle(struct relay *r)
+{
+    if (!r->cfg.idle_timeout_ms || !r->cfg.on_idle)
+        return;
+    for (size_t i = 0; i < r->nworkspaces; i++) {
+        struct relay_workspace *w = &r->workspaces[i];
+        int64_t idle = idle_ms(r, w);
+        if (idle < 0)
+            continue;
+        if ((uint64_t)idle < r->cfg.idle_timeout_ms) {
+            w->idle_fired = false; /* activity ended the idle period */
+        } else if (!w->idle_fired) {
+            w->idle_fired = true;
+            run_on_idle(r, w);
+        }
+    }
+}
+
 static void on_tick(uv_timer_t *t)
 {
     struct relay *r = t->data;
     uint64_t now = uv_now(r->loop);
+    check_idle(r);
     for (struct relay_agent *a = r->agents; a; a = a->next) {
         if (a->close_after_flush) {
             if (now >= a->close_deadline)
@@ -1782,6 +1882,8 @@ struct relay *relay_new(uv_loop_t *loop, const struct relay_config *cfg, char *e
     return r;
 fail:
     tokens_free(r->tokens);
+    for (size_t i = 0; i < r->nworkspaces; i++)
+        json_decref(r->workspaces[i].stats);
     free(r->workspaces);
     free(r->out);
     free(r);
@@ -1810,6 +1912,8 @@ void relay_free(struct relay *r)
     if (!r)
         return;
     tokens_free(r->tokens);
+    for (size_t i = 0; i < r->nworkspaces; i++)
+        json_decref(r->workspaces[i].stats);
     free(r->workspaces);
     free(r->out);
     free(r);

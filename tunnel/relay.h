@@ -24,6 +24,12 @@ struct relay_config {
     const char *tokens_path;
     uint32_t keepalive_idle_ms; /* tunnel keepalive toward agents (mux defaults) */
     uint32_t keepalive_timeout_ms;
+    /* Idle policy: once a workspace has been idle this long (its agent's stats say so), run
+     * on_idle once with TETHER_WORKSPACE=NAME in its environment; again only after activity
+     * ended the idle period. 0 / NULL: no policy. */
+    uint64_t idle_timeout_ms;
+    const char *on_idle;
+    unsigned stats_interval_s; /* asked of agents in the manifest (0: no stats) */
 };
 void relay_config_default(struct relay_config *cfg);
 

@@ -963,10 +963,33 @@ static void test_control_valid(void **state)
     expect_ok("  {\"type\":\"shutdown\"}\n");
 }
 
+static void test_control_stats(void **state)
+{
+    (void)state;
+    expect_ok("{\"type\":\"stats\",\"idle_ms\":0}");
+    expect_ok("{\"type\":\"stats\",\"idle_ms\":5234,\"last_activity\":1796000000000,"
+              "\"sessions\":{\"ssh\":1,\"pty\":2},\"rx_bytes\":{\"ssh\":5120},"
+              "\"tx_bytes\":{\"later-kind\":9}}");
+    expect_bad("{\"type\":\"stats\"}"); /* idle_ms is required */
+    expect_bad("{\"type\":\"stats\",\"idle_ms\":-1}");
+    expect_bad("{\"type\":\"stats\",\"idle_ms\":1.5}");
+    expect_bad("{\"type\":\"stats\",\"idle_ms\":1,\"last_activity\":\"now\"}");
+    expect_bad("{\"type\":\"stats\",\"idle_ms\":1,\"sessions\":[1]}");
+    expect_bad("{\"type\":\"stats\",\"idle_ms\":1,\"sessions\":{\"ssh\":-1}}");
+    expect_bad("{\"type\":\"stats\",\"idle_ms\":1,\"rx_bytes\":{\"\":1}}");
+    expect_bad("{\"type\":\"stats\",\"idle_ms\":1,\"tx_bytes\":{\"ssh\":\"1\"}}");
+    /* At most PROTO_MAX_STATS_KEYS counters. */
+    char big[2048] = "{\"type\":\"stats\",\"idle_ms\":1,\"sessions\":{";
+    for (unsigned i = 0; i <= PROTO_MAX_STATS_KEYS; i++)
+        snprintf(big + strlen(big), sizeof(big) - strlen(big), "%s\"k%u\":1", i ? "," : "", i);
+    strcat(big, "}}");
+    expect_bad(big);
+}
+
 static void test_control_unknown_type_accepted(void **state)
 {
     (void)state;
-    expect_ok("{\"type\":\"stats\",\"cpu\":0.5}");
+    expect_ok("{\"type\":\"ports\",\"cpu\":0.5}"); /* reserved, not yet specified */
     expect_ok("{\"type\":\"future-thing\",\"version\":42,\"hostname\":[]}");
     expect_ok("{\"type\":\"\"}");
     expect_ok("{\"type\":\"Hello\"}"); /* type names are case sensitive */
@@ -1274,6 +1297,7 @@ int main(void)
         cmocka_unit_test(test_spec_example_stream_frames),
         cmocka_unit_test(test_names),
         cmocka_unit_test(test_control_valid),
+        cmocka_unit_test(test_control_stats),
         cmocka_unit_test(test_control_unknown_type_accepted),
         cmocka_unit_test(test_control_not_object),
         cmocka_unit_test(test_control_type_field),
