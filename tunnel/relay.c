@@ -243,6 +243,18 @@ static int http_body(struct lws *wsi, const void *body, size_t blen)
     return n < 0 ? -1 : 0;
 }
 
+/* Writes a 200 text/plain response (the Prometheus text format's media type). */
+static int http_send_text(struct lws *wsi, const char *body)
+{
+    size_t blen = strlen(body);
+    uint8_t head[LWS_PRE + 512];
+    uint8_t *start = head + LWS_PRE, *p = start, *end = head + sizeof(head) - 1;
+    if (lws_add_http_common_headers(wsi, 200, "text/plain; version=0.0.4", blen, &p, end) ||
+        lws_finalize_write_http_header(wsi, start, &p, end))
+        return -1;
+    return http_body(wsi, body, blen);
+}
+
 /* Writes a whole JSON response now. */
 static int http_reply(struct lws *wsi, unsigned status, const char *body)
 {
@@ -310,7 +322,16 @@ static int http_error(struct lws *wsi, unsigned status, const char *msg)
  * ROUTE_TCP and ROUTE_SSH are client byte pipes, ROUTE_PTY a terminal: each websocket is
  * one tunnel stream.
  */
-enum route_kind { ROUTE_NONE, ROUTE_LIST, ROUTE_ONE, ROUTE_AGENT, ROUTE_TCP, ROUTE_SSH, ROUTE_PTY };
+enum route_kind {
+    ROUTE_NONE,
+    ROUTE_LIST,
+    ROUTE_ONE,
+    ROUTE_METRICS,
+    ROUTE_AGENT,
+    ROUTE_TCP,
+    ROUTE_SSH,
+    ROUTE_PTY
+};
 struct route {
     enum route_kind kind;
     char name[TOKENS_MAX_NAME + 1];
@@ -323,6 +344,10 @@ static void parse_route(const char *uri, struct route *rt)
     static const char ws_prefix[] = "/api/v1/workspaces";
     if (strcmp(uri, "/api/v1/agent") == 0) {
         rt->kind = ROUTE_AGENT;
+        return;
+    }
+    if (strcmp(uri, "/metrics") == 0) {
+        rt->kind = ROUTE_METRICS;
         return;
     }
     if (strcmp(uri, ws_prefix) == 0 || strcmp(uri, "/api/v1/workspaces/") == 0) {
@@ -877,6 +902,89 @@ static int serve_web(struct relay *r, struct lws *wsi, struct relay_pss *pss, co
     return rc < 0 ? -1 : 0;
 }
 
+/* A Prometheus label value: backslash, quote and newline escaped (the agent chose the
+ * counter names; workspace names are plain). */
+static void prom_label(struct bytebuf *b, const char *v)
+{
+    for (; *v; v++) {
+        char c = *v;
+        const char *esc = c == '\\' ? "\\\\" : c == '"' ? "\\\"" : c == '\n' ? "\\n" : NULL;
+        if (esc)
+            bytebuf_append(b, esc, 2);
+        else
+            bytebuf_append(b, &c, 1);
+    }
+}
+
+static void prom_line(struct bytebuf *b, const char *metric, const char *ws, const char *label,
+                      const char *lv, long long value)
+{
+    char num[32];
+    bytebuf_append(b, metric, strlen(metric));
+    bytebuf_append(b, "{workspace=\"", 12);
+    prom_label(b, ws);
+    if (label) {
+        bytebuf_append(b, "\",", 2);
+        bytebuf_append(b, label, strlen(label));
+        bytebuf_append(b, "=\"", 2);
+        prom_label(b, lv);
+    }
+    int n = snprintf(num, sizeof(num), "\"} %lld\n", value);
+    bytebuf_append(b, num, (size_t)n);
+}
+
+/* GET /metrics: the Prometheus text format, the workspaces the token may see. */
+static int serve_metrics(struct relay *r, struct lws *wsi, const char *token)
+{
+    static const struct {
+        const char *name, *type, *help, *member, *label;
+    } per_key[] = {
+        {"tether_workspace_sessions", "gauge", "Open sessions by type.", "sessions", "type"},
+        {"tether_workspace_rx_bytes", "counter",
+         "Bytes into the workspace since its agent started.", "rx_bytes", "kind"},
+        {"tether_workspace_tx_bytes", "counter",
+         "Bytes out of the workspace since its agent started.", "tx_bytes", "kind"},
+    };
+    struct bytebuf b = {0};
+    const char *head =
+        "# HELP tether_workspace_connected 1 while the workspace's agent is connected.\n"
+        "# TYPE tether_workspace_connected gauge\n";
+    bytebuf_append(&b, head, strlen(head));
+    for (size_t i = 0; i < r->nworkspaces; i++)
+        if (tokens_user_allows(r->tokens, token, r->workspaces[i].name))
+            prom_line(&b, "tether_workspace_connected", r->workspaces[i].name, NULL, NULL,
+                      r->workspaces[i].agent != NULL);
+    head = "# HELP tether_workspace_idle_seconds Seconds since the last activity.\n"
+           "# TYPE tether_workspace_idle_seconds gauge\n";
+    bytebuf_append(&b, head, strlen(head));
+    for (size_t i = 0; i < r->nworkspaces; i++) {
+        int64_t idle = idle_ms(r, &r->workspaces[i]);
+        if (idle >= 0 && tokens_user_allows(r->tokens, token, r->workspaces[i].name))
+            prom_line(&b, "tether_workspace_idle_seconds", r->workspaces[i].name, NULL, NULL,
+                      idle / 1000);
+    }
+    for (size_t m = 0; m < sizeof(per_key) / sizeof(per_key[0]); m++) {
+        char h[256];
+        int n = snprintf(h, sizeof(h), "# HELP %s %s\n# TYPE %s %s\n", per_key[m].name,
+                         per_key[m].help, per_key[m].name, per_key[m].type);
+        bytebuf_append(&b, h, (size_t)n);
+        for (size_t i = 0; i < r->nworkspaces; i++) {
+            const struct relay_workspace *w = &r->workspaces[i];
+            json_t *obj = w->stats ? json_object_get(w->stats, per_key[m].member) : NULL;
+            if (!obj || !tokens_user_allows(r->tokens, token, w->name))
+                continue;
+            const char *k;
+            json_t *v;
+            json_object_foreach(obj, k, v) prom_line(&b, per_key[m].name, w->name, per_key[m].label,
+                                                     k, (long long)json_integer_value(v));
+        }
+    }
+    bytebuf_append(&b, "", 1); /* NUL: out of memory shows as a short body, never a crash */
+    int rc = b.data ? http_send_text(wsi, (const char *)bytebuf_peek(&b)) : -1;
+    bytebuf_free(&b);
+    return rc;
+}
+
 static int serve_http(struct relay *r, struct lws *wsi, const char *uri)
 {
     char token[1100];
@@ -884,11 +992,13 @@ static int serve_http(struct relay *r, struct lws *wsi, const char *uri)
     if (lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) <= 0)
         return http_error(wsi, 405, "method not allowed");
     parse_route(uri, &rt);
-    if (rt.kind != ROUTE_LIST && rt.kind != ROUTE_ONE)
+    if (rt.kind != ROUTE_LIST && rt.kind != ROUTE_ONE && rt.kind != ROUTE_METRICS)
         return http_error(wsi, 404, "not found");
     bearer_token(wsi, token, sizeof(token));
     if (!tokens_user_valid(r->tokens, token))
         return http_error(wsi, 401, "unauthorized");
+    if (rt.kind == ROUTE_METRICS)
+        return serve_metrics(r, wsi, token);
     json_t *body;
     if (rt.kind == ROUTE_LIST) {
         body = json_array();

@@ -123,3 +123,24 @@ def test_an_open_terminal_with_nothing_typed_is_not_activity(harness, tmp_path):
         assert idle(relay) <= 1, "typing into the terminal did not count"
         await ws.close()
     asyncio.run(asyncio.wait_for(go(), 60))
+
+
+def test_metrics_endpoint(harness, tmp_path):
+    relay, agent, _ = start(harness, tmp_path, timeout="1h")
+    code, body = relay.api("/metrics")
+    assert code == 200
+    text = body.decode()
+    assert '# TYPE tether_workspace_idle_seconds gauge' in text
+    assert 'tether_workspace_connected{workspace="alpha"} 1' in text
+    assert 'tether_workspace_connected{workspace="beta"} 0' in text
+    assert 'tether_workspace_sessions{workspace="alpha",type="ssh"} 0' in text
+    assert 'tether_workspace_rx_bytes{workspace="alpha",kind="forward"} 0' in text
+    for line in text.splitlines():  # every sample line parses as name{labels} integer
+        if line and not line.startswith("#"):
+            name, value = line.rsplit(" ", 1)
+            assert name.startswith("tether_workspace_") and "{" in name and value.isdigit(), line
+    assert relay.api("/metrics", token="wrong")[0] == 401
+    # A token limited to alpha sees only alpha.
+    from conftest import ONLY_A
+    code, body = relay.api("/metrics", user=ONLY_A)
+    assert code == 200 and b'workspace="beta"' not in body
