@@ -9,6 +9,7 @@
 
 #include "activity.h"
 #include "portfwd.h"
+#include "ports.h"
 #include "ptystream.h"
 #include "stream.h"
 #include "tunnel/log.h"
@@ -21,6 +22,7 @@ struct agent {
     struct sshd *sshd;
     struct rpty_registry ptys; /* only with sshd: it shares the reaper */
     struct activity activity;
+    struct ports_scanner *ports;
     uv_timer_t stats_timer;
     uint64_t stats_interval_ms;
     bool connected;
@@ -166,6 +168,13 @@ static void send_stats(struct agent *a)
     json_decref(msg);
 }
 
+static void on_ports_changed(void *ud, json_t *msg)
+{
+    struct agent *a = ud;
+    if (a->connected)
+        dial_send_control(a->dial, msg);
+}
+
 static void on_stats_timer(uv_timer_t *t)
 {
     send_stats(t->data);
@@ -202,6 +211,8 @@ static void on_connected(void *ud, struct mux *m)
     json_decref(hello);
     a->connected = true;
     send_stats(a); /* once right away, then every interval */
+    if (a->ports)
+        ports_scanner_reset(a->ports); /* the relay forgot: tell it again */
 }
 
 static void on_disconnected(void *ud, const char *why)
@@ -254,9 +265,11 @@ struct agent *agent_new(uv_loop_t *loop, const struct dial_config *cfg, struct s
     uv_timer_init(loop, &a->stats_timer);
     a->stats_timer.data = a;
     set_stats_interval(a, AGENT_STATS_MS);
+    a->ports = ports_scanner_new(loop, PORTS_SCAN_MS_DEFAULT, on_ports_changed, a);
     a->dial = dial_new(loop, cfg, &agent_streams, &agent_dial_events, a);
     if (!a->dial) {
         /* The timer's handle must close before the memory goes: free from its callback. */
+        ports_scanner_free(a->ports);
         uv_close((uv_handle_t *)&a->stats_timer, free_on_close);
         return NULL;
     }
@@ -282,6 +295,7 @@ static void on_timer_closed(uv_handle_t *h)
 static void on_sshd_freed(void *arg)
 {
     struct agent *a = arg;
+    ports_scanner_free(a->ports);
     uv_close((uv_handle_t *)&a->stats_timer, on_timer_closed);
 }
 

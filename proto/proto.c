@@ -526,6 +526,30 @@ static int want_count_map(const json_t *o, const char *key, char *err, size_t er
     return 0;
 }
 
+/* "ports": an array of {port 1..65535, family, address, process?}. */
+static int want_ports(const json_t *o, char *err, size_t errlen)
+{
+    json_t *v = json_object_get(o, "ports");
+    if (!json_is_array(v))
+        FAIL("\"ports\" must be an array");
+    size_t i;
+    json_t *e;
+    json_array_foreach(v, i, e)
+    {
+        if (!json_is_object(e))
+            FAIL("\"ports\" must hold objects");
+        if (!json_object_get(e, "port") || want_uint(e, "port", 65535, err, errlen) ||
+            json_integer_value(json_object_get(e, "port")) == 0 ||
+            want_string(e, "family", 1, err, errlen) || want_string(e, "address", 1, err, errlen) ||
+            want_string(e, "process", 0, err, errlen))
+            FAIL("each port needs \"port\" 1..65535, \"family\" and \"address\"");
+    }
+    json_t *a = json_object_get(o, "available");
+    if (a && !json_is_boolean(a))
+        FAIL("\"available\" must be true or false");
+    return 0;
+}
+
 int proto_control_validate(const json_t *msg, char *err, size_t errlen)
 {
     if (!json_is_object(msg))
@@ -550,6 +574,9 @@ int proto_control_validate(const json_t *msg, char *err, size_t errlen)
             return PROTO_E_JSON;
     } else if (strcmp(type, "shutdown") == 0) {
         if (want_string(msg, "reason", 0, err, errlen))
+            return PROTO_E_JSON;
+    } else if (strcmp(type, "ports") == 0) {
+        if (want_ports(msg, err, errlen))
             return PROTO_E_JSON;
     } else if (strcmp(type, "stats") == 0) {
         if (!json_object_get(msg, "idle_ms"))

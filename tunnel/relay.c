@@ -54,6 +54,7 @@ struct relay_workspace {
     char arch[32];
     int64_t last_seen_ms;   /* unix ms of the last frame from an agent, or -1 */
     json_t *stats;          /* the agent's last stats message, or NULL */
+    json_t *ports;          /* the agent's last ports list, or NULL */
     uint64_t stats_mono_ms; /* when it arrived (uv_now) */
     bool idle_fired;        /* on_idle ran for the current idle period */
 };
@@ -208,6 +209,7 @@ static json_t *workspace_json(const struct relay *r, const struct relay_workspac
     json_object_set_new(o, "sessions", stats_member(w, "sessions"));
     json_object_set_new(o, "rx_bytes", stats_member(w, "rx_bytes"));
     json_object_set_new(o, "tx_bytes", stats_member(w, "tx_bytes"));
+    json_object_set_new(o, "ports", w->ports ? json_deep_copy(w->ports) : json_array());
     return o;
 }
 
@@ -1585,6 +1587,11 @@ static void a_control(void *ud, json_t *msg)
     struct relay_agent *a = ud;
     const char *type = json_string_value(json_object_get(msg, "type"));
     struct relay_workspace *w = a->ws;
+    if (strcmp(type, "ports") == 0 && a->current) { /* proto checked its schema */
+        json_decref(w->ports);
+        w->ports = json_incref(json_object_get(msg, "ports"));
+        return;
+    }
     if (strcmp(type, "stats") == 0 && a->current) { /* proto checked its schema */
         json_decref(w->stats);
         w->stats = json_incref(msg);
@@ -1992,8 +1999,10 @@ struct relay *relay_new(uv_loop_t *loop, const struct relay_config *cfg, char *e
     return r;
 fail:
     tokens_free(r->tokens);
-    for (size_t i = 0; i < r->nworkspaces; i++)
+    for (size_t i = 0; i < r->nworkspaces; i++) {
         json_decref(r->workspaces[i].stats);
+        json_decref(r->workspaces[i].ports);
+    }
     free(r->workspaces);
     free(r->out);
     free(r);
@@ -2022,8 +2031,10 @@ void relay_free(struct relay *r)
     if (!r)
         return;
     tokens_free(r->tokens);
-    for (size_t i = 0; i < r->nworkspaces; i++)
+    for (size_t i = 0; i < r->nworkspaces; i++) {
         json_decref(r->workspaces[i].stats);
+        json_decref(r->workspaces[i].ports);
+    }
     free(r->workspaces);
     free(r->out);
     free(r);

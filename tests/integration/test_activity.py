@@ -144,3 +144,31 @@ def test_metrics_endpoint(harness, tmp_path):
     from conftest import ONLY_A
     code, body = relay.api("/metrics", user=ONLY_A)
     assert code == 200 and b'workspace="beta"' not in body
+
+
+def test_listening_ports_appear_and_go(harness, tmp_path):
+    import socket
+    relay, agent, _ = start(harness, tmp_path, timeout="1h")
+    v4 = socket.socket(socket.AF_INET)
+    v4.bind(("127.0.0.1", 0))
+    v4.listen(1)
+    v6 = socket.socket(socket.AF_INET6)
+    v6.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)  # an IPv6-only listener
+    v6.bind(("::1", 0))
+    v6.listen(1)
+    p4, p6 = v4.getsockname()[1], v6.getsockname()[1]
+
+    def listed():
+        return {(p["port"], p["family"]): p for p in ws_json(relay)["ports"]}
+    try:
+        wait_until(lambda: (p4, "ipv4") in listed() and (p6, "ipv6") in listed(), timeout=5,
+                   what="both listeners in the workspace's ports")
+        now = listed()
+        assert now[(p4, "ipv4")]["address"] == "127.0.0.1"
+        assert now[(p6, "ipv6")]["address"] == "::1"
+        assert now[(p4, "ipv4")].get("process")  # this test's own process, readable
+    finally:
+        v4.close()
+        v6.close()
+    wait_until(lambda: (p4, "ipv4") not in listed() and (p6, "ipv6") not in listed(), timeout=5,
+               what="the closed listeners to go")

@@ -986,10 +986,26 @@ static void test_control_stats(void **state)
     expect_bad(big);
 }
 
+static void test_control_ports(void **state)
+{
+    (void)state;
+    expect_ok("{\"type\":\"ports\",\"ports\":[]}");
+    expect_ok("{\"type\":\"ports\",\"ports\":[{\"port\":8080,\"family\":\"ipv4\","
+              "\"address\":\"0.0.0.0\",\"process\":\"node\"}],\"available\":true}");
+    expect_bad("{\"type\":\"ports\"}");
+    expect_bad(
+        "{\"type\":\"ports\",\"ports\":[{\"port\":0,\"family\":\"ipv4\",\"address\":\"x\"}]}");
+    expect_bad(
+        "{\"type\":\"ports\",\"ports\":[{\"port\":65536,\"family\":\"ipv4\",\"address\":\"x\"}]}");
+    expect_bad("{\"type\":\"ports\",\"ports\":[{\"port\":1,\"address\":\"x\"}]}");
+    expect_bad("{\"type\":\"ports\",\"ports\":[7]}");
+    expect_bad("{\"type\":\"ports\",\"ports\":[],\"available\":1}");
+}
+
 static void test_control_unknown_type_accepted(void **state)
 {
     (void)state;
-    expect_ok("{\"type\":\"ports\",\"cpu\":0.5}"); /* reserved, not yet specified */
+    expect_ok("{\"type\":\"logs\",\"cpu\":0.5}"); /* reserved, not yet specified */
     expect_ok("{\"type\":\"future-thing\",\"version\":42,\"hostname\":[]}");
     expect_ok("{\"type\":\"\"}");
     expect_ok("{\"type\":\"Hello\"}"); /* type names are case sensitive */
@@ -1298,6 +1314,7 @@ int main(void)
         cmocka_unit_test(test_names),
         cmocka_unit_test(test_control_valid),
         cmocka_unit_test(test_control_stats),
+        cmocka_unit_test(test_control_ports),
         cmocka_unit_test(test_control_unknown_type_accepted),
         cmocka_unit_test(test_control_not_object),
         cmocka_unit_test(test_control_type_field),

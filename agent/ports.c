@@ -1,0 +1,245 @@
+#include "ports.h"
+
+#include <arpa/inet.h>
+#include <ctype.h>
+#include <dirent.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "tunnel/log.h"
+
+#define TCP_LISTEN 0x0A
+#define PROC_NET_MAX (4u * 1024 * 1024) /* bytes of one /proc/net/tcp* file read */
+
+struct ports_scanner {
+    uv_loop_t *loop;
+    uv_timer_t timer;
+    void (*changed)(void *ud, json_t *msg);
+    void *ud;
+    struct port_entry *last;
+    size_t nlast;
+    bool reported;    /* something was sent since the last reset */
+    bool unavailable; /* /proc could not be read at the last scan */
+};
+
+static int hex_addr(const char *hex, bool ipv6, char *out, size_t cap)
+{
+    if (!ipv6) {
+        if (strlen(hex) != 8)
+            return -1;
+        struct in_addr a;
+        a.s_addr = (uint32_t)strtoul(hex, NULL, 16); /* printed from the raw word */
+        return inet_ntop(AF_INET, &a, out, (socklen_t)cap) ? 0 : -1;
+    }
+    if (strlen(hex) != 32)
+        return -1;
+    struct in6_addr a;
+    for (int i = 0; i < 4; i++) {
+        char word[9];
+        memcpy(word, hex + 8 * i, 8);
+        word[8] = '\0';
+        uint32_t w = (uint32_t)strtoul(word, NULL, 16);
+        memcpy((uint8_t *)&a + 4 * i, &w, 4);
+    }
+    return inet_ntop(AF_INET6, &a, out, (socklen_t)cap) ? 0 : -1;
+}
+
+int ports_parse(const char *text, bool ipv6, struct port_entry *out, size_t cap, size_t *n)
+{
+    const char *line = strchr(text, '\n'); /* the header */
+    if (!line || !strstr(text, "local_address"))
+        return -1;
+    for (line++; *line; line = strchr(line, '\n') ? strchr(line, '\n') + 1 : line + strlen(line)) {
+        char addr[40];
+        unsigned port, state;
+        unsigned long inode;
+        if (sscanf(line, " %*u: %39[0-9A-Fa-f]:%x %*s %x %*s %*s %*s %*u %*d %lu", addr, &port,
+                   &state, &inode) != 4)
+            continue;
+        if (state != TCP_LISTEN || port == 0 || port > 65535 || *n >= cap)
+            continue;
+        struct port_entry *e = &out[*n];
+        memset(e, 0, sizeof(*e));
+        if (hex_addr(addr, ipv6, e->address, sizeof(e->address)) < 0)
+            continue;
+        e->port = (uint16_t)port;
+        e->ipv6 = ipv6;
+        e->inode = inode;
+        (*n)++;
+    }
+    return 0;
+}
+
+static char *read_small(const char *path, size_t max)
+{
+    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    if (fd < 0)
+        return NULL;
+    size_t cap = 16384, len = 0;
+    char *buf = malloc(cap + 1);
+    ssize_t r;
+    while (buf && (r = read(fd, buf + len, cap - len)) > 0) {
+        len += (size_t)r;
+        if (len == cap && cap < max) {
+            char *b = realloc(buf, (cap *= 2) + 1);
+            if (!b) {
+                free(buf);
+                buf = NULL;
+            }
+            buf = b;
+        } else if (len == cap) {
+            break; /* more than max: what was read is what is reported */
+        }
+    }
+    close(fd);
+    if (buf)
+        buf[len] = '\0';
+    return buf;
+}
+
+/* Names the processes that own the listeners' sockets, where /proc lets us see them. */
+static void name_owners(struct port_entry *e, size_t n)
+{
+    DIR *proc = opendir("/proc");
+    if (!proc)
+        return;
+    struct dirent *d;
+    size_t named = 0;
+    while ((d = readdir(proc)) && named < n) {
+        if (!isdigit((unsigned char)d->d_name[0]))
+            continue;
+        char path[600], link[64];
+        snprintf(path, sizeof(path), "/proc/%s/fd", d->d_name);
+        DIR *fds = opendir(path);
+        if (!fds)
+            continue; /* another user's process */
+        struct dirent *f;
+        while ((f = readdir(fds))) {
+            snprintf(path, sizeof(path), "/proc/%s/fd/%s", d->d_name, f->d_name);
+            ssize_t l = readlink(path, link, sizeof(link) - 1);
+            if (l <= 0)
+                continue;
+            link[l] = '\0';
+            unsigned long ino;
+            if (sscanf(link, "socket:[%lu]", &ino) != 1)
+                continue;
+            for (size_t i = 0; i < n; i++) {
+                if (e[i].inode != ino || e[i].process[0])
+                    continue;
+                snprintf(path, sizeof(path), "/proc/%s/comm", d->d_name);
+                char *comm = read_small(path, 64);
+                if (comm) {
+                    comm[strcspn(comm, "\n")] = '\0';
+                    snprintf(e[i].process, sizeof(e[i].process), "%s", comm);
+                    free(comm);
+                    named++;
+                }
+            }
+        }
+        closedir(fds);
+    }
+    closedir(proc);
+}
+
+static int entry_cmp(const void *a, const void *b)
+{
+    const struct port_entry *x = a, *y = b;
+    if (x->port != y->port)
+        return x->port < y->port ? -1 : 1;
+    if (x->ipv6 != y->ipv6)
+        return x->ipv6 ? 1 : -1;
+    return strcmp(x->address, y->address);
+}
+
+static bool same_set(const struct port_entry *a, size_t na, const struct port_entry *b, size_t nb)
+{
+    if (na != nb)
+        return false;
+    for (size_t i = 0; i < na; i++)
+        if (entry_cmp(&a[i], &b[i]) != 0)
+            return false;
+    return true;
+}
+
+static void scan(struct ports_scanner *s)
+{
+    struct port_entry *e = calloc(PORTS_MAX, sizeof(*e));
+    if (!e)
+        return;
+    size_t n = 0;
+    bool ok = false;
+    static const char *const files[2] = {"/proc/net/tcp", "/proc/net/tcp6"};
+    for (int v6 = 0; v6 < 2; v6++) {
+        char *text = read_small(files[v6], PROC_NET_MAX);
+        if (text && ports_parse(text, v6, e, PORTS_MAX, &n) == 0)
+            ok = true;
+        free(text);
+    }
+    qsort(e, n, sizeof(*e), entry_cmp);
+    if (s->reported && ok == !s->unavailable && same_set(e, n, s->last, s->nlast)) {
+        free(e);
+        return;
+    }
+    if (!ok && !s->unavailable)
+        log_warn("cannot read /proc/net/tcp or tcp6: listening ports are unavailable");
+    name_owners(e, n);
+    json_t *list = json_array();
+    for (size_t i = 0; i < n; i++) {
+        json_t *p = json_pack("{s:i, s:s, s:s}", "port", e[i].port, "family",
+                              e[i].ipv6 ? "ipv6" : "ipv4", "address", e[i].address);
+        if (p && e[i].process[0])
+            json_object_set_new(p, "process", json_string(e[i].process));
+        json_array_append_new(list, p);
+    }
+    json_t *msg = json_pack("{s:s, s:o, s:b}", "type", "ports", "ports", list, "available", ok);
+    if (msg)
+        s->changed(s->ud, msg);
+    json_decref(msg);
+    free(s->last);
+    s->last = e;
+    s->nlast = n;
+    s->reported = true;
+    s->unavailable = !ok;
+}
+
+static void on_scan(uv_timer_t *t)
+{
+    scan(t->data);
+}
+
+struct ports_scanner *ports_scanner_new(uv_loop_t *loop, uint64_t interval_ms,
+                                        void (*changed)(void *ud, json_t *msg), void *ud)
+{
+    struct ports_scanner *s = calloc(1, sizeof(*s));
+    if (!s)
+        return NULL;
+    s->loop = loop;
+    s->changed = changed;
+    s->ud = ud;
+    uv_timer_init(loop, &s->timer);
+    s->timer.data = s;
+    uv_timer_start(&s->timer, on_scan, interval_ms, interval_ms);
+    return s;
+}
+
+void ports_scanner_reset(struct ports_scanner *s)
+{
+    s->reported = false;
+    scan(s);
+}
+
+static void on_closed(uv_handle_t *h)
+{
+    struct ports_scanner *s = h->data;
+    free(s->last);
+    free(s);
+}
+
+void ports_scanner_free(struct ports_scanner *s)
+{
+    if (s)
+        uv_close((uv_handle_t *)&s->timer, on_closed);
+}
