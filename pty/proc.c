@@ -13,6 +13,8 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
+#define PROC_ORPHANS_PER_SIGNAL 1024 /* orphans collected per SIGCHLD (bounded work) */
+
 struct proc_child {
     struct proc_child *next;
     pid_t pid;
@@ -264,6 +266,22 @@ static void reap(struct proc_reaper *r)
             c->cb(c->ud, c->pid, status);
         free(c);
     }
+    /* PID 1: whatever else exited is an orphan (a daemonised grandchild, say). */
+    for (int i = 0; r->reap_orphans && i < PROC_ORPHANS_PER_SIGNAL; i++) {
+        int status;
+        pid_t got = waitpid(-1, &status, WNOHANG);
+        if (got <= 0)
+            break;
+        for (struct proc_child **cp = &r->children; *cp; cp = &(*cp)->next)
+            if ((*cp)->pid == got) { /* one of ours exited just now: still tell its owner */
+                struct proc_child *c = *cp;
+                *cp = c->next;
+                if (c->cb)
+                    c->cb(c->ud, c->pid, status);
+                free(c);
+                break;
+            }
+    }
 }
 
 static void on_sigchld(uv_signal_t *h, int signum)
@@ -275,6 +293,7 @@ static void on_sigchld(uv_signal_t *h, int signum)
 int proc_reaper_init(struct proc_reaper *r, uv_loop_t *loop)
 {
     memset(r, 0, sizeof(*r));
+    r->reap_orphans = getpid() == 1;
     int rc = uv_signal_init(loop, &r->sigchld);
     if (rc < 0)
         return rc;

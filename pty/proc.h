@@ -9,7 +9,8 @@
  *
  * proc_reaper watches SIGCHLD on the loop and collects only the pids it was told about,
  * with waitpid(pid, WNOHANG): no thread per child, and children started by others (libuv's
- * uv_spawn) are left to their owners.
+ * uv_spawn) are left to their owners. As PID 1 it also collects orphans (waitpid(-1)): the
+ * agent then must not use uv_spawn, whose statuses this would take.
  */
 #ifndef TETHER_PROC_H
 #define TETHER_PROC_H
@@ -74,6 +75,9 @@ struct proc_child;
 struct proc_reaper {
     uv_signal_t sigchld;
     struct proc_child *children;
+    /* Running as PID 1 (in a container), orphans are re-parented to us: collect them too,
+     * or they stay zombies. Set by proc_reaper_init when getpid() is 1. */
+    bool reap_orphans;
     void (*done)(struct proc_reaper *r);
 };
 
