@@ -174,6 +174,15 @@ static struct relay_workspace *workspace_find(struct relay *r, const char *name)
     return NULL;
 }
 
+/*
+ * Connected, as the API says it: the agent's tunnel is up and its HELLO arrived, so streams
+ * can be opened now (a client arriving between the websocket and the HELLO would get 1013).
+ */
+static bool agent_ready(const struct relay_workspace *w)
+{
+    return w->agent && mux_peer_hello_received(w->agent->mux);
+}
+
 /* Milliseconds the workspace has been idle, from its agent's last stats; -1 if unknown. */
 static int64_t idle_ms(const struct relay *r, const struct relay_workspace *w)
 {
@@ -193,7 +202,7 @@ static json_t *workspace_json(const struct relay *r, const struct relay_workspac
 {
     json_t *o = json_object();
     json_object_set_new(o, "name", json_string(w->name));
-    json_object_set_new(o, "connected", json_boolean(w->agent != NULL));
+    json_object_set_new(o, "connected", json_boolean(agent_ready(w)));
     json_object_set_new(o, "agent_version",
                         w->agent_version[0] ? json_string(w->agent_version) : json_null());
     json_object_set_new(o, "last_seen",
@@ -955,7 +964,7 @@ static int serve_metrics(struct relay *r, struct lws *wsi, const char *token)
     for (size_t i = 0; i < r->nworkspaces; i++)
         if (tokens_user_allows(r->tokens, token, r->workspaces[i].name))
             prom_line(&b, "tether_workspace_connected", r->workspaces[i].name, NULL, NULL,
-                      r->workspaces[i].agent != NULL);
+                      agent_ready(&r->workspaces[i]));
     head = "# HELP tether_workspace_idle_seconds Seconds since the last activity.\n"
            "# TYPE tether_workspace_idle_seconds gauge\n";
     bytebuf_append(&b, head, strlen(head));

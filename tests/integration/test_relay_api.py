@@ -6,7 +6,9 @@ import pytest
 
 from conftest import ADMIN, ONLY_A, WORKSPACES, wait_until
 
-FIELDS = {"name", "connected", "agent_version", "last_seen", "hostname", "os", "arch"}
+FIELDS = {"name", "connected", "agent_version", "last_seen", "hostname", "os", "arch",
+          # activity (PROTOCOL.md 12.5, 12.6): null / empty until the agent's first stats
+          "last_activity", "idle_seconds", "sessions", "rx_bytes", "tx_bytes", "ports"}
 
 
 def test_list_before_any_agent(relay):
@@ -18,6 +20,8 @@ def test_list_before_any_agent(relay):
         assert w["connected"] is False
         assert w["last_seen"] is None
         assert w["agent_version"] is None
+        assert w["idle_seconds"] is None and w["last_activity"] is None
+        assert w["sessions"] == {} and w["ports"] == []
 
 
 def test_list_and_one_with_agent(relay, agent):
