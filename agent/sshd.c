@@ -1,6 +1,7 @@
 #include "sshd.h"
 
 #include <errno.h>
+#include <signal.h>
 #include <fcntl.h>
 #include <pwd.h>
 #include <stddef.h>
@@ -249,6 +250,34 @@ static void on_reaper_closed(struct proc_reaper *r)
         done(arg);
 }
 
+static void on_grace_closed(uv_handle_t *h)
+{
+    struct sshd *d = h->data;
+    proc_reaper_close(&d->reaper, on_reaper_closed);
+}
+
+/* Every 100 ms after the hangup: done once no child is left, or SIGKILL at the deadline. */
+static void on_grace_tick(uv_timer_t *t)
+{
+    struct sshd *d = t->data;
+    if (proc_reaper_busy(&d->reaper) && uv_now(d->loop) < d->grace_deadline)
+        return;
+    if (proc_reaper_busy(&d->reaper)) {
+        log_warn("session processes still running after SIGHUP: sending SIGKILL");
+        proc_reaper_kill_all(&d->reaper, SIGKILL);
+    }
+    uv_close((uv_handle_t *)&d->grace, on_grace_closed);
+}
+
+/* The last step of sshd_free: the connections are gone; the children get their grace. */
+static void finish_free(struct sshd *d)
+{
+    d->grace_deadline = uv_now(d->loop) + SSHD_HANGUP_GRACE_MS;
+    uv_timer_init(d->loop, &d->grace);
+    d->grace.data = d;
+    uv_timer_start(&d->grace, on_grace_tick, 0, 100);
+}
+
 static void conn_free_now(struct ssh_conn *c)
 {
     struct sshd *d = c->d;
@@ -262,7 +291,7 @@ static void conn_free_now(struct ssh_conn *c)
     ssh_free(c->session);
     free(c);
     if (d->freeing && !d->conns)
-        proc_reaper_close(&d->reaper, on_reaper_closed);
+        finish_free(d);
 }
 
 void ssh_conn_unref(struct ssh_conn *c)
@@ -454,7 +483,7 @@ void sshd_free(struct sshd *d, void (*done)(void *arg), void *arg)
     d->done_arg = arg;
     ssh_listen_stop(d);
     if (!d->conns) {
-        proc_reaper_close(&d->reaper, on_reaper_closed);
+        finish_free(d);
         return;
     }
     for (struct ssh_conn *c = d->conns, *next; c; c = next) {

@@ -99,9 +99,11 @@ void sshd_set_activity(struct sshd *d, struct activity *activity);
 unsigned sshd_session_count(const struct sshd *d, enum sshd_session_type type);
 
 /*
- * Ends every connection (each session's process group gets SIGHUP), then frees the
- * server and calls done from the loop.
+ * Ends every connection (each session's process group gets SIGHUP), waits up to
+ * SSHD_HANGUP_GRACE_MS for the agent's children to exit (PTYs' too: they share the
+ * reaper), sends SIGKILL to the groups still there, then frees the server and calls done.
  */
+#define SSHD_HANGUP_GRACE_MS 3000u
 void sshd_free(struct sshd *d, void (*done)(void *arg), void *arg);
 
 #endif

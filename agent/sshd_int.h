@@ -48,6 +48,8 @@ struct sshd {
     int listen_port;
     struct ssh_conn *conns;
     unsigned sessions[SSHD_TYPE_COUNT];
+    uv_timer_t grace; /* sshd_free: children had SIGHUP; SIGKILL for those still there */
+    uint64_t grace_deadline;
     bool freeing;
     void (*done)(void *);
     void *done_arg;

@@ -322,6 +322,17 @@ int proc_reaper_watch(struct proc_reaper *r, pid_t pid, proc_exit_cb cb, void *u
     return 0;
 }
 
+void proc_reaper_kill_all(struct proc_reaper *r, int sig)
+{
+    for (struct proc_child *c = r->children; c; c = c->next)
+        kill(-c->pid, sig);
+}
+
+bool proc_reaper_busy(const struct proc_reaper *r)
+{
+    return r->children != NULL;
+}
+
 void proc_reaper_forget(struct proc_reaper *r, pid_t pid)
 {
     for (struct proc_child *c = r->children; c; c = c->next)

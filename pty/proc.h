@@ -89,6 +89,10 @@ int proc_reaper_init(struct proc_reaper *r, uv_loop_t *loop);
 int proc_reaper_watch(struct proc_reaper *r, pid_t pid, proc_exit_cb cb, void *ud);
 /* The owner of ud is going away: the pid is still collected, but cb is not called. */
 void proc_reaper_forget(struct proc_reaper *r, pid_t pid);
+/* Sends sig to the process group of every child not collected yet. */
+void proc_reaper_kill_all(struct proc_reaper *r, int sig);
+/* True while some watched child has not been collected. */
+bool proc_reaper_busy(const struct proc_reaper *r);
 /* Stops watching SIGCHLD; children not collected yet are left to init (SIGHUP'd first by
  * their owners). done runs when the signal handle is closed. */
 void proc_reaper_close(struct proc_reaper *r, void (*done)(struct proc_reaper *r));

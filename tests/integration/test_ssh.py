@@ -993,3 +993,23 @@ def test_config_ssh_then_plain_ssh_with_no_flags(ssh_env):
     assert "Host %s" % ssh_env.host in config
     r = in_home("ssh", ssh_env.host, "true")
     assert r.returncode == 0, r.stderr
+
+
+def test_sigterm_hangs_up_then_kills_what_ignores_it(ssh_env):
+    """SIGTERM: sessions get SIGHUP; a process that ignores it is killed after the grace
+    period, and the agent exits 0 within a bounded time."""
+    p = ssh_env.ssh_popen("trap '' HUP; echo PID=$$; exec sleep 300")
+    line = p.stdout.readline().decode()
+    assert line.startswith("PID="), line
+    pid = int(line.split("=")[1])
+    assert os.path.exists("/proc/%d" % pid)
+    t0 = time.monotonic()
+    rc = ssh_env.agent.terminate(timeout=15)
+    took = time.monotonic() - t0
+    assert rc == 0, "agent exit status %r" % rc
+    assert took < 10, "the agent took %.1fs to stop" % took
+    wait_until(lambda: not os.path.exists("/proc/%d" % pid) or
+               open("/proc/%d/stat" % pid).read().rsplit(")", 1)[1].split()[0] == "Z",
+               timeout=5, what="the HUP-ignoring process to be killed")
+    p.kill()
+    p.wait(timeout=10)
