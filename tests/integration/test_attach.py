@@ -19,8 +19,6 @@ import uuid
 
 import pexpect
 import pytest
-import websockets
-import websockets.exceptions
 
 from conftest import ADMIN, WORKSPACES, proc_rss_kib, wait_until
 from fakepty import FakePtyRelay
@@ -580,25 +578,9 @@ def test_inside_tmux(fake, tether_bin, tokens, tmp_path):
 # 4. end to end: the real relay and agent
 
 
-def pty_route_missing(relay, token):
-    """True if the relay answers the pty route with 404 (not implemented yet). A malformed
-    id makes a relay that has the route answer 400 without starting anything."""
-    async def probe():
-        try:
-            ws = await websockets.connect(
-                relay.url + "/api/v1/workspaces/%s/pty?id=probe&rows=24&cols=80" % WORKSPACES[0],
-                extra_headers={"Authorization": "Bearer " + token}, open_timeout=10)
-        except websockets.exceptions.InvalidStatusCode as e:
-            return e.status_code
-        await ws.close()
-        return 101
-    return asyncio.run(probe()) == 404
-
-
 @pytest.fixture
-def real(harness, relay, agent, tokens):
-    if pty_route_missing(relay, tokens.user_token(ADMIN)):
-        pytest.skip("the relay answers the pty route with 404: not implemented yet")
+def real(harness, relay, agent):
+    """The real relay (with its /pty route) and agent for workspace alpha."""
     return relay
 
 
