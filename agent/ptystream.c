@@ -65,7 +65,9 @@ static void ps_reset(struct ptystream *p, uint32_t code, const char *why)
 
 /* ---- output: records, deflated, under credit ---- */
 
-static int out_append(struct ptystream *p, const uint8_t *data, size_t len)
+/* Appends bytes to the output, through deflate with zlib; flush ends a batch with a sync
+ * flush so the peer can decode everything so far. */
+static int out_deflate(struct ptystream *p, const uint8_t *data, size_t len, int flush)
 {
     if (!p->zlib)
         return bytebuf_append(&p->out, data, len);
@@ -75,31 +77,21 @@ static int out_append(struct ptystream *p, const uint8_t *data, size_t len)
     do {
         p->def.next_out = buf;
         p->def.avail_out = sizeof(buf);
-        if (deflate(&p->def, Z_NO_FLUSH) == Z_STREAM_ERROR)
-            return -1;
-        if (bytebuf_append(&p->out, buf, sizeof(buf) - p->def.avail_out) < 0)
+        if (deflate(&p->def, flush) == Z_STREAM_ERROR ||
+            bytebuf_append(&p->out, buf, sizeof(buf) - p->def.avail_out) < 0)
             return -1;
     } while (p->def.avail_out == 0);
     return 0;
 }
 
-/* Ends a batch: with zlib, a sync flush so the peer can decode everything so far. */
+static int out_append(struct ptystream *p, const uint8_t *data, size_t len)
+{
+    return out_deflate(p, data, len, Z_NO_FLUSH);
+}
+
 static int out_flush(struct ptystream *p)
 {
-    if (!p->zlib)
-        return 0;
-    uint8_t buf[4096];
-    p->def.next_in = NULL;
-    p->def.avail_in = 0;
-    do {
-        p->def.next_out = buf;
-        p->def.avail_out = sizeof(buf);
-        if (deflate(&p->def, Z_SYNC_FLUSH) == Z_STREAM_ERROR)
-            return -1;
-        if (bytebuf_append(&p->out, buf, sizeof(buf) - p->def.avail_out) < 0)
-            return -1;
-    } while (p->def.avail_out == 0);
-    return 0;
+    return out_deflate(p, NULL, 0, Z_SYNC_FLUSH);
 }
 
 static int out_record(struct ptystream *p, uint8_t type, const uint8_t *body, size_t len)
@@ -300,12 +292,6 @@ static const struct stream_ops ptystream_ops = {
     .closed = ps_closed,
 };
 
-static const char *shell_base(const char *shell)
-{
-    const char *slash = strrchr(shell, '/');
-    return slash ? slash + 1 : shell;
-}
-
 void ptystream_open(struct rpty_registry *reg, const struct ptystream_env *env, struct mux *m,
                     uint32_t id, const struct proto_open *o)
 {
@@ -330,9 +316,9 @@ void ptystream_open(struct rpty_registry *reg, const struct ptystream_env *env, 
         }
     }
     char login[256];
-    snprintf(login, sizeof(login), "-%s", shell_base(env->shell));
+    snprintf(login, sizeof(login), "-%s", proc_basename(env->shell));
     char *login_argv[] = {login, NULL};
-    char *cmd_argv[] = {(char *)shell_base(env->shell), "-c", (char *)o->command, NULL};
+    char *cmd_argv[] = {(char *)proc_basename(env->shell), "-c", (char *)o->command, NULL};
     struct proc_spec spec = {
         .path = env->shell,
         .argv = o->command[0] ? cmd_argv : login_argv,

@@ -835,12 +835,6 @@ static void on_agent_request(ssh_session s, ssh_channel channel, void *ud)
         log_warn("ssh: cannot create the agent forwarding socket: %s", strerror(errno));
 }
 
-static const char *shell_base(const char *shell)
-{
-    const char *slash = strrchr(shell, '/');
-    return slash ? slash + 1 : shell;
-}
-
 static int on_shell(ssh_session s, ssh_channel channel, void *ud)
 {
     struct ssh_chan *ch = ud;
@@ -851,7 +845,7 @@ static int on_shell(ssh_session s, ssh_channel channel, void *ud)
     if (ch->state != CHAN_SETUP)
         return -1;
     /* A login shell: argv[0] starts with '-'. */
-    snprintf(login_name, sizeof(login_name), "-%s", shell_base(shell));
+    snprintf(login_name, sizeof(login_name), "-%s", proc_basename(shell));
     char *argv[] = {login_name, NULL};
     if (start_process(ch, shell, argv, NULL) < 0)
         return -1;
@@ -867,7 +861,7 @@ static int on_exec(ssh_session s, ssh_channel channel, const char *command, void
     (void)channel;
     if (ch->state != CHAN_SETUP)
         return -1;
-    char *argv[] = {(char *)shell_base(shell), "-c", (char *)command, NULL};
+    char *argv[] = {(char *)proc_basename(shell), "-c", (char *)command, NULL};
     return start_process(ch, shell, argv, command);
 }
 

@@ -16,6 +16,7 @@
 #define TETHER_PROC_H
 
 #include <stdbool.h>
+#include <string.h>
 #include <sys/types.h>
 
 #include <termios.h>
@@ -56,6 +57,13 @@ int proc_pty_open(unsigned short rows, unsigned short cols, unsigned short xpixe
  * (the master ends up in io, the slave is closed) whether or not the call succeeds.
  */
 int proc_spawn(const struct proc_spec *spec, struct proc_io *io);
+
+/* The last component of a path ("bash" of "/bin/bash"): argv[0] of shells. */
+static inline const char *proc_basename(const char *path)
+{
+    const char *slash = strrchr(path, '/');
+    return slash ? slash + 1 : path;
+}
 
 /* Closes the parent's ends that are still open and sets them to -1. */
 void proc_io_close(struct proc_io *io);
