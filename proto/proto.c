@@ -1,5 +1,7 @@
 #include "proto.h"
 
+#include "logbatch.h"
+
 #include <stdbool.h>
 #include <stdio.h>
 #include <string.h>
@@ -447,7 +449,9 @@ void proto_credit_encode(uint64_t offset, uint8_t out[8])
 /* Longest string member we accept in a known control message. */
 #define PROTO_MAX_FIELD 4096u
 
-static int want_string(const json_t *o, const char *key, int required, char *err, size_t errlen)
+/* A string member of min..max bytes; absent is fine unless required. */
+static int want_string_len(const json_t *o, const char *key, int required, size_t min, size_t max,
+                           char *err, size_t errlen)
 {
     json_t *v = json_object_get(o, key);
     if (!v) {
@@ -457,9 +461,16 @@ static int want_string(const json_t *o, const char *key, int required, char *err
     }
     if (!json_is_string(v))
         FAIL("\"%s\" must be a string", key);
-    if (json_string_length(v) > PROTO_MAX_FIELD)
-        FAIL("\"%s\" is longer than %u bytes", key, PROTO_MAX_FIELD);
+    if (json_string_length(v) > max)
+        FAIL("\"%s\" is longer than %zu bytes", key, max);
+    if (json_string_length(v) < min)
+        FAIL("\"%s\" must not be empty", key);
     return 0;
+}
+
+static int want_string(const json_t *o, const char *key, int required, char *err, size_t errlen)
+{
+    return want_string_len(o, key, required, 0, PROTO_MAX_FIELD, err, errlen);
 }
 
 static int want_string_array(const json_t *o, const char *key, char *err, size_t errlen)
@@ -550,6 +561,222 @@ static int want_ports(const json_t *o, char *err, size_t errlen)
     return 0;
 }
 
+/* An integer member in min..max; absent is fine unless required. */
+static int want_int(const json_t *o, const char *key, int required, json_int_t min, json_int_t max,
+                    char *err, size_t errlen)
+{
+    json_t *v = json_object_get(o, key);
+    if (!v) {
+        if (required)
+            FAIL("\"%s\" is missing", key);
+        return 0;
+    }
+    if (!json_is_integer(v) || json_integer_value(v) < min || json_integer_value(v) > max)
+        FAIL("\"%s\" must be an integer from %lld to %lld", key, (long long)min, (long long)max);
+    return 0;
+}
+
+static int want_bool(const json_t *o, const char *key, char *err, size_t errlen)
+{
+    json_t *v = json_object_get(o, key);
+    if (v && !json_is_boolean(v))
+        FAIL("\"%s\" must be true or false", key);
+    return 0;
+}
+
+/*
+ * A required name (a script's name, a metadata key): 1..max bytes of A-Za-z0-9._-, so it
+ * can be used in log sources, file names and metric labels as it is.
+ */
+static int want_name(const json_t *o, const char *key, size_t max, char *err, size_t errlen)
+{
+    if (want_string_len(o, key, 1, 1, max, err, errlen))
+        return PROTO_E_JSON;
+    const char *s = json_string_value(json_object_get(o, key));
+    size_t n = json_string_length(json_object_get(o, key));
+    for (size_t i = 0; i < n; i++) {
+        char c = s[i];
+        if (!((c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z') || (c >= '0' && c <= '9') ||
+              c == '.' || c == '_' || c == '-'))
+            FAIL("\"%s\" must be 1 to %zu bytes of A-Za-z0-9._-", key, max);
+    }
+    return 0;
+}
+
+/* Shell text for /bin/sh -c: 1..PROTO_MAX_SCRIPT_TEXT bytes, no NUL (it would cut it). */
+static int want_script(const json_t *o, char *err, size_t errlen)
+{
+    if (want_string_len(o, "script", 1, 1, PROTO_MAX_SCRIPT_TEXT, err, errlen))
+        return PROTO_E_JSON;
+    json_t *v = json_object_get(o, "script");
+    if (memchr(json_string_value(v), 0, json_string_length(v)))
+        FAIL("\"script\" must not hold a NUL byte");
+    return 0;
+}
+
+/* Puts "ARRAY[i]: " before the reason already in err. */
+static int in_item(const char *array, size_t i, char *err, size_t errlen)
+{
+    if (err && errlen) {
+        char why[256];
+        snprintf(why, sizeof(why), "%s", err);
+        snprintf(err, errlen, "\"%s\"[%zu]: %s", array, i, why);
+    }
+    return PROTO_E_JSON;
+}
+
+/*
+ * The array member key of objects (at most max; required or optional, at least one entry
+ * when required), each checked by item. If unique is set, the string member unique of every
+ * entry must differ from the others'.
+ */
+static int want_objects(const json_t *o, const char *key, int required, size_t max,
+                        int (*item)(const json_t *e, char *err, size_t errlen), const char *unique,
+                        char *err, size_t errlen)
+{
+    json_t *v = json_object_get(o, key);
+    if (!v) {
+        if (required)
+            FAIL("\"%s\" is missing", key);
+        return 0;
+    }
+    if (!json_is_array(v) || json_array_size(v) > max || (required && json_array_size(v) == 0))
+        FAIL("\"%s\" must be an array of %d to %zu objects", key, required ? 1 : 0, max);
+    size_t i;
+    json_t *e;
+    json_array_foreach(v, i, e)
+    {
+        if (!json_is_object(e))
+            FAIL("\"%s\" must hold objects", key);
+        if (item(e, err, errlen))
+            return in_item(key, i, err, errlen);
+        if (!unique)
+            continue;
+        json_t *name = json_object_get(e, unique);
+        for (size_t j = 0; j < i; j++)
+            if (json_equal(name, json_object_get(json_array_get(v, j), unique)))
+                FAIL("\"%s\"[%zu]: \"%s\" \"%s\" is there twice", key, i, unique,
+                     json_string_value(name));
+    }
+    return 0;
+}
+
+/* manifest "scripts": {name, script, run_on, timeout?, blocks_login?} */
+static int want_script_item(const json_t *e, char *err, size_t errlen)
+{
+    if (want_name(e, "name", PROTO_MAX_SCRIPT_NAME, err, errlen) || want_script(e, err, errlen) ||
+        want_string(e, "run_on", 1, err, errlen) ||
+        want_int(e, "timeout", 0, 1, PROTO_MAX_SCRIPT_TIMEOUT, err, errlen) ||
+        want_bool(e, "blocks_login", err, errlen))
+        return PROTO_E_JSON;
+    const char *run_on = json_string_value(json_object_get(e, "run_on"));
+    int start = strcmp(run_on, "start") == 0;
+    if (!start && strcmp(run_on, "stop") != 0)
+        FAIL("\"run_on\" must be \"start\" or \"stop\"");
+    if (!start && json_is_true(json_object_get(e, "blocks_login")))
+        FAIL("\"blocks_login\" is for \"start\" scripts only");
+    return 0;
+}
+
+/* manifest "metadata": {key, script, interval?, timeout?} */
+static int want_metadata_spec(const json_t *e, char *err, size_t errlen)
+{
+    if (want_name(e, "key", PROTO_MAX_METADATA_KEY, err, errlen) || want_script(e, err, errlen) ||
+        want_int(e, "interval", 0, 1, PROTO_MAX_METADATA_INTERVAL, err, errlen) ||
+        want_int(e, "timeout", 0, 1, PROTO_MAX_METADATA_TIMEOUT, err, errlen))
+        return PROTO_E_JSON;
+    return 0;
+}
+
+/* metadata message "items": {key, value, error, collected_at} */
+static int want_metadata_item(const json_t *e, char *err, size_t errlen)
+{
+    if (want_name(e, "key", PROTO_MAX_METADATA_KEY, err, errlen) ||
+        want_string_len(e, "value", 1, 0, PROTO_MAX_METADATA_VALUE, err, errlen) ||
+        want_string_len(e, "error", 1, 0, PROTO_MAX_METADATA_ERROR, err, errlen) ||
+        want_int(e, "collected_at", 1, 0, INT64_MAX, err, errlen))
+        return PROTO_E_JSON;
+    return 0;
+}
+
+/* ports "forward_ports": {port, host?} */
+static int want_forward_port(const json_t *e, char *err, size_t errlen)
+{
+    if (want_int(e, "port", 1, 1, 65535, err, errlen) ||
+        want_string_len(e, "host", 0, 1, PROTO_MAX_HOST, err, errlen))
+        return PROTO_E_JSON;
+    return 0;
+}
+
+/* Indexed by enum proto_lifecycle; the NULL ends the list for proto_lifecycle_states. */
+static const char *const lifecycle_names[PROTO_LC_COUNT + 1] = {
+    [PROTO_LC_CREATED] = "created",
+    [PROTO_LC_STARTING] = "starting",
+    [PROTO_LC_READY] = "ready",
+    [PROTO_LC_START_ERROR] = "start_error",
+    [PROTO_LC_START_TIMEOUT] = "start_timeout",
+    [PROTO_LC_SHUTTING_DOWN] = "shutting_down",
+    [PROTO_LC_SHUTDOWN_ERROR] = "shutdown_error",
+    [PROTO_LC_SHUTDOWN_TIMEOUT] = "shutdown_timeout",
+    [PROTO_LC_OFF] = "off",
+    [PROTO_LC_COUNT] = NULL,
+};
+
+const char *const *proto_lifecycle_states(void)
+{
+    return lifecycle_names;
+}
+
+int proto_lifecycle_state(const char *name)
+{
+    for (int i = 0; name && i < PROTO_LC_COUNT; i++)
+        if (strcmp(name, lifecycle_names[i]) == 0)
+            return i;
+    return -1;
+}
+
+const char *proto_lifecycle_name(int state)
+{
+    return state >= 0 && state < PROTO_LC_COUNT ? lifecycle_names[state] : NULL;
+}
+
+int proto_lifecycle_rank(int state)
+{
+    static const int rank[PROTO_LC_COUNT] = {0, 1, 2, 2, 2, 3, 4, 4, 5};
+    return state >= 0 && state < PROTO_LC_COUNT ? rank[state] : -1;
+}
+
+static int want_lifecycle(const json_t *msg, char *err, size_t errlen)
+{
+    if (want_string(msg, "state", 1, err, errlen) ||
+        want_int(msg, "changed_at", 1, 0, INT64_MAX, err, errlen))
+        return PROTO_E_JSON;
+    json_t *state = json_object_get(msg, "state");
+    if (strlen(json_string_value(state)) != json_string_length(state) ||
+        proto_lifecycle_state(json_string_value(state)) < 0)
+        FAIL("\"state\" must be one of created, starting, ready, start_error, start_timeout, "
+             "shutting_down, shutdown_error, shutdown_timeout, off");
+    return 0;
+}
+
+/*
+ * "logs": the members only. "data" has no length limit here beyond the message's own: a
+ * batch that does not decode (too long included) is dropped by logbatch_decode, which is
+ * not a connection error.
+ */
+static int want_logs(const json_t *msg, char *err, size_t errlen)
+{
+    json_t *data = json_object_get(msg, "data");
+    if (want_int(msg, "seq", 1, 1, INT64_MAX, err, errlen) ||
+        want_int(msg, "lines", 1, 1, PROTO_MAX_LOG_RECORDS, err, errlen))
+        return PROTO_E_JSON;
+    if (!data)
+        FAIL("\"data\" is missing");
+    if (!json_is_string(data))
+        FAIL("\"data\" must be a string");
+    return 0;
+}
+
 int proto_control_validate(const json_t *msg, char *err, size_t errlen)
 {
     if (!json_is_object(msg))
@@ -570,13 +797,29 @@ int proto_control_validate(const json_t *msg, char *err, size_t errlen)
             want_string(msg, "directory", 0, err, errlen) ||
             want_string(msg, "motd", 0, err, errlen) || want_string_map(msg, "env", err, errlen) ||
             want_string_array(msg, "authorized_keys", err, errlen) ||
-            want_uint(msg, "stats_interval", 86400, err, errlen))
+            want_uint(msg, "stats_interval", 86400, err, errlen) ||
+            want_objects(msg, "scripts", 0, PROTO_MAX_SCRIPTS, want_script_item, NULL, err,
+                         errlen) ||
+            want_objects(msg, "metadata", 0, PROTO_MAX_METADATA, want_metadata_spec, "key", err,
+                         errlen))
             return PROTO_E_JSON;
     } else if (strcmp(type, "shutdown") == 0) {
         if (want_string(msg, "reason", 0, err, errlen))
             return PROTO_E_JSON;
     } else if (strcmp(type, "ports") == 0) {
-        if (want_ports(msg, err, errlen))
+        if (want_ports(msg, err, errlen) ||
+            want_objects(msg, "forward_ports", 0, PROTO_MAX_FORWARD_PORTS, want_forward_port, NULL,
+                         err, errlen))
+            return PROTO_E_JSON;
+    } else if (strcmp(type, "lifecycle") == 0) {
+        if (want_lifecycle(msg, err, errlen))
+            return PROTO_E_JSON;
+    } else if (strcmp(type, "logs") == 0) {
+        if (want_logs(msg, err, errlen))
+            return PROTO_E_JSON;
+    } else if (strcmp(type, "metadata") == 0) {
+        if (want_objects(msg, "items", 1, PROTO_MAX_METADATA, want_metadata_item, "key", err,
+                         errlen))
             return PROTO_E_JSON;
     } else if (strcmp(type, "stats") == 0) {
         if (!json_object_get(msg, "idle_ms"))

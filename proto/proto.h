@@ -39,6 +39,23 @@
 #define PROTO_MAX_HELLO_SETTINGS 16u
 #define PROTO_PING_SIZE 8u
 
+/* Control message limits (PROTOCOL.md 12), checked by proto_control_validate. */
+#define PROTO_MAX_SCRIPTS 32u             /* manifest "scripts" */
+#define PROTO_MAX_SCRIPT_NAME 64u         /* a script's "name": 1..64 bytes of A-Za-z0-9._- */
+#define PROTO_MAX_SCRIPT_TEXT 4096u       /* a script's or metadata item's "script" (shell text) */
+#define PROTO_MAX_SCRIPT_TIMEOUT 86400    /* seconds; a script's "timeout" is 1..this */
+#define PROTO_DEFAULT_START_TIMEOUT 300   /* seconds, a "run_on":"start" script without timeout */
+#define PROTO_DEFAULT_STOP_TIMEOUT 60     /* seconds, a "run_on":"stop" script without timeout */
+#define PROTO_MAX_METADATA 32u            /* manifest "metadata", and a metadata message's items */
+#define PROTO_MAX_METADATA_KEY 64u        /* a metadata "key": 1..64 bytes of A-Za-z0-9._- */
+#define PROTO_MAX_METADATA_INTERVAL 86400 /* seconds; "interval" is 1..this */
+#define PROTO_DEFAULT_METADATA_INTERVAL 60
+#define PROTO_MAX_METADATA_TIMEOUT 3600 /* seconds; a metadata item's "timeout" is 1..this */
+#define PROTO_DEFAULT_METADATA_TIMEOUT 10
+#define PROTO_MAX_METADATA_VALUE 10240u /* bytes of a metadata item's "value" (over 4096) */
+#define PROTO_MAX_METADATA_ERROR 4096u  /* bytes of a reported "error" */
+#define PROTO_MAX_FORWARD_PORTS 64u     /* ports' "forward_ports" */
+
 enum proto_type {
     PROTO_HELLO = 1,
     PROTO_OPEN = 2,
@@ -199,6 +216,37 @@ size_t proto_goaway_encode(uint32_t last_stream, uint32_t code, const char *text
 /* CREDIT: absolute u64 byte offset up to which the receiver accepts DATA. */
 int proto_credit_decode(const uint8_t *p, size_t len, uint64_t *offset);
 void proto_credit_encode(uint64_t offset, uint8_t out[8]);
+
+/*
+ * Workspace lifecycle states ("lifecycle" message, PROTOCOL.md 12.7), in the order of the
+ * wire names. They move forward only, in the partial order of proto_lifecycle_rank:
+ * created < starting < {ready, start_error, start_timeout} < shutting_down <
+ * {shutdown_error, shutdown_timeout} < off.
+ */
+enum proto_lifecycle {
+    PROTO_LC_CREATED = 0,
+    PROTO_LC_STARTING = 1,
+    PROTO_LC_READY = 2,
+    PROTO_LC_START_ERROR = 3,
+    PROTO_LC_START_TIMEOUT = 4,
+    PROTO_LC_SHUTTING_DOWN = 5,
+    PROTO_LC_SHUTDOWN_ERROR = 6,
+    PROTO_LC_SHUTDOWN_TIMEOUT = 7,
+    PROTO_LC_OFF = 8,
+    PROTO_LC_COUNT = 9,
+};
+/* The PROTO_LC_COUNT wire names indexed by enum proto_lifecycle, then NULL. */
+const char *const *proto_lifecycle_states(void);
+/* The state named name (a NUL-terminated wire name), or -1. */
+int proto_lifecycle_state(const char *name);
+/* The wire name of state, or NULL if it is not a PROTO_LC_* below PROTO_LC_COUNT. */
+const char *proto_lifecycle_name(int state);
+/*
+ * The state's step in the partial order (0 created, 1 starting, 2 the end of starting, 3
+ * shutting_down, 4 the end of shutting down, 5 off), or -1. A transition a -> b is forward
+ * when rank(b) > rank(a).
+ */
+int proto_lifecycle_rank(int state);
 
 /*
  * CONTROL: one JSON object with a string member "type". Known types are checked against

@@ -16,6 +16,7 @@ cd "$root" || exit 1
 targets=(
     "fuzz_frame: tests/fuzz/fuzz_frame.c proto/proto.c"
     "fuzz_control: tests/fuzz/fuzz_control.c proto/proto.c"
+    "fuzz_logbatch: tests/fuzz/fuzz_logbatch.c proto/logbatch.c proto/proto.c"
 )
 if [ -f tests/fuzz/fuzz_mux.c ]; then
     targets+=("fuzz_mux: tests/fuzz/fuzz_mux.c tunnel/mux.c proto/proto.c")
@@ -41,7 +42,7 @@ for entry in "${targets[@]}"; do
     read -r -a sources <<<"${entry#*:}"
     log=$out/$name.log
 
-    if ! clang "${cflags[@]}" "${sources[@]}" -ljansson -o "$out/$name" >"$log" 2>&1; then
+    if ! clang "${cflags[@]}" "${sources[@]}" -ljansson -lz -o "$out/$name" >"$log" 2>&1; then
         echo "$name: build failed (see $log)"
         status=1
         continue

@@ -708,7 +708,7 @@ static struct wire scripted_session(struct end *a, struct end *b)
 {
     struct wire w = {0};
     uint8_t *buf = outbuf();
-    json_t *msg = json_pack("{s:s, s:s}", "type", "metadata", "key", "value");
+    json_t *msg = json_pack("{s:s, s:s}", "type", "note", "key", "value");
     uint32_t id = 0;
     for (int step = 0; step < 6; step++) {
         if (step == 1) {
@@ -793,7 +793,7 @@ static void test_send_control_full(void **state)
     mux_config_default(&cfg, MUX_ROLE_AGENT);
     cfg.max_control_queue = 300;
     struct end *a = end_new(&cfg);
-    json_t *msg = json_pack("{s:s, s:s}", "type", "logs", "line", "0123456789012345678901234");
+    json_t *msg = json_pack("{s:s, s:s}", "type", "note", "line", "0123456789012345678901234");
     char *text = json_dumps(msg, JSON_COMPACT);
     size_t frame = PROTO_HEADER_SIZE + strlen(text), hello = PROTO_HEADER_SIZE + PROTO_HELLO_SIZE;
     free(text);

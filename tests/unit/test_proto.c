@@ -1005,7 +1005,7 @@ static void test_control_ports(void **state)
 static void test_control_unknown_type_accepted(void **state)
 {
     (void)state;
-    expect_ok("{\"type\":\"logs\",\"cpu\":0.5}"); /* reserved, not yet specified */
+    expect_ok("{\"type\":\"log\",\"cpu\":0.5}"); /* not "logs" */
     expect_ok("{\"type\":\"future-thing\",\"version\":42,\"hostname\":[]}");
     expect_ok("{\"type\":\"\"}");
     expect_ok("{\"type\":\"Hello\"}"); /* type names are case sensitive */
@@ -1109,8 +1109,8 @@ static void test_control_string_limits(void **state)
         "{\"type\":\"hello\",\"version\":\"1\",\"os\":\"%s\",\"arch\":\"a\",\"hostname\":\"h\"}",
         "{\"type\":\"hello\",\"version\":\"1\",\"os\":\"l\",\"arch\":\"%s\",\"hostname\":\"h\"}",
         "{\"type\":\"hello\",\"version\":\"1\",\"os\":\"l\",\"arch\":\"a\",\"hostname\":\"%s\"}",
-        "{\"type\":\"hello\",\"version\":\"1\",\"os\":\"l\",\"arch\":\"a\",\"hostname\":\"h\","
-        "\"capabilities\":[\"%s\"]}",
+        ("{\"type\":\"hello\",\"version\":\"1\",\"os\":\"l\",\"arch\":\"a\",\"hostname\":\"h\","
+         "\"capabilities\":[\"%s\"]}"),
         "{\"type\":\"shutdown\",\"reason\":\"%s\"}",
     };
     for (size_t i = 0; i < sizeof(fmts) / sizeof(fmts[0]); i++) {
@@ -1247,6 +1247,375 @@ static void test_control_deep_nesting(void **state)
     expect_ok("{\"type\":\"x\",\"a\":[[[[[[[[[[{\"b\":{}}]]]]]]]]]]}");
 }
 
+/* Formats fmt (one %s) with s. The caller frees the result. */
+static char *fmt1(const char *fmt, const char *s)
+{
+    size_t cap = strlen(fmt) + strlen(s) + 1;
+    char *out = malloc(cap);
+    assert_non_null(out);
+    snprintf(out, cap, fmt, s);
+    return out;
+}
+
+static void expect_ok_with(const char *fmt, const char *s)
+{
+    char *m = fmt1(fmt, s);
+    expect_ok(m);
+    free(m);
+}
+
+static void expect_bad_with(const char *fmt, const char *s)
+{
+    char *m = fmt1(fmt, s);
+    expect_bad(m);
+    free(m);
+}
+
+/* n copies of item (one %u: the index), comma-separated. The caller frees the result. */
+static char *repeat(const char *item, unsigned n)
+{
+    size_t cap = (strlen(item) + 16) * (n + 1);
+    char *out = malloc(cap);
+    assert_non_null(out);
+    out[0] = '\0';
+    for (unsigned i = 0; i < n; i++) {
+        size_t k = strlen(out);
+        if (i)
+            out[k++] = ',';
+        snprintf(out + k, cap - k, item, i);
+    }
+    return out;
+}
+
+#define MANIFEST_SCRIPTS "{\"type\":\"manifest\",\"workspace\":\"w\",\"scripts\":[%s]}"
+#define MANIFEST_METADATA "{\"type\":\"manifest\",\"workspace\":\"w\",\"metadata\":[%s]}"
+
+static void test_control_manifest_scripts(void **state)
+{
+    (void)state;
+    expect_ok_with(MANIFEST_SCRIPTS, "");
+    expect_ok_with(MANIFEST_SCRIPTS, "{\"name\":\"build\",\"script\":\"make -j8\","
+                                     "\"run_on\":\"start\",\"timeout\":300,\"blocks_login\":true}");
+    expect_ok_with(MANIFEST_SCRIPTS, "{\"name\":\"a.B_9-z\",\"script\":\"x\",\"run_on\":\"stop\","
+                                     "\"timeout\":86400,\"blocks_login\":false,\"later\":1}");
+    expect_ok_with(MANIFEST_SCRIPTS, "{\"name\":\"a\",\"script\":\"x\",\"run_on\":\"start\","
+                                     "\"timeout\":1},{\"name\":\"a\",\"script\":\"y\","
+                                     "\"run_on\":\"stop\"}");
+    /* the array itself */
+    expect_bad("{\"type\":\"manifest\",\"workspace\":\"w\",\"scripts\":{}}");
+    expect_bad("{\"type\":\"manifest\",\"workspace\":\"w\",\"scripts\":null}");
+    expect_bad_with(MANIFEST_SCRIPTS, "\"make\"");
+    /* required members */
+    expect_bad_with(MANIFEST_SCRIPTS, "{\"script\":\"x\",\"run_on\":\"start\"}");
+    expect_bad_with(MANIFEST_SCRIPTS, "{\"name\":\"a\",\"run_on\":\"start\"}");
+    expect_bad_with(MANIFEST_SCRIPTS, "{\"name\":\"a\",\"script\":\"x\"}");
+    /* name: 1..64 bytes of A-Za-z0-9._- */
+    expect_bad_with(MANIFEST_SCRIPTS, "{\"name\":\"\",\"script\":\"x\",\"run_on\":\"start\"}");
+    expect_bad_with(MANIFEST_SCRIPTS, "{\"name\":\"a b\",\"script\":\"x\",\"run_on\":\"start\"}");
+    expect_bad_with(MANIFEST_SCRIPTS, "{\"name\":\"a/b\",\"script\":\"x\",\"run_on\":\"start\"}");
+    expect_bad_with(MANIFEST_SCRIPTS, "{\"name\":\"a:b\",\"script\":\"x\",\"run_on\":\"start\"}");
+    expect_bad_with(MANIFEST_SCRIPTS, "{\"name\":\"caf\xc3\xa9\",\"script\":\"x\","
+                                      "\"run_on\":\"start\"}");
+    expect_bad_with(MANIFEST_SCRIPTS, "{\"name\":7,\"script\":\"x\",\"run_on\":\"start\"}");
+    char name[80];
+    memset(name, 'n', 64);
+    name[64] = '\0';
+    char item[6000];
+    snprintf(item, sizeof(item), "{\"name\":\"%s\",\"script\":\"x\",\"run_on\":\"start\"}", name);
+    expect_ok_with(MANIFEST_SCRIPTS, item);
+    snprintf(item, sizeof(item), "{\"name\":\"%sn\",\"script\":\"x\",\"run_on\":\"start\"}", name);
+    expect_bad_with(MANIFEST_SCRIPTS, item);
+    /* script: 1..4096 bytes */
+    expect_bad_with(MANIFEST_SCRIPTS, "{\"name\":\"a\",\"script\":\"\",\"run_on\":\"start\"}");
+    expect_bad_with(MANIFEST_SCRIPTS,
+                    "{\"name\":\"a\",\"script\":[\"make\"],\"run_on\":\"start\"}");
+    char *text = malloc(4098);
+    assert_non_null(text);
+    memset(text, 'x', 4097);
+    text[4096] = '\0';
+    snprintf(item, sizeof(item), "{\"name\":\"a\",\"script\":\"%s\",\"run_on\":\"start\"}", text);
+    expect_ok_with(MANIFEST_SCRIPTS, item);
+    text[4096] = 'x';
+    text[4097] = '\0';
+    snprintf(item, sizeof(item), "{\"name\":\"a\",\"script\":\"%s\",\"run_on\":\"start\"}", text);
+    expect_bad_with(MANIFEST_SCRIPTS, item);
+    free(text);
+    /* run_on, timeout, blocks_login */
+    expect_bad_with(MANIFEST_SCRIPTS, "{\"name\":\"a\",\"script\":\"x\",\"run_on\":\"Start\"}");
+    expect_bad_with(MANIFEST_SCRIPTS, "{\"name\":\"a\",\"script\":\"x\",\"run_on\":\"\"}");
+    expect_bad_with(MANIFEST_SCRIPTS, "{\"name\":\"a\",\"script\":\"x\",\"run_on\":1}");
+    expect_bad_with(MANIFEST_SCRIPTS,
+                    "{\"name\":\"a\",\"script\":\"x\",\"run_on\":\"start\",\"timeout\":0}");
+    expect_bad_with(MANIFEST_SCRIPTS,
+                    "{\"name\":\"a\",\"script\":\"x\",\"run_on\":\"start\",\"timeout\":86401}");
+    expect_bad_with(MANIFEST_SCRIPTS,
+                    "{\"name\":\"a\",\"script\":\"x\",\"run_on\":\"start\",\"timeout\":1.5}");
+    expect_bad_with(MANIFEST_SCRIPTS,
+                    "{\"name\":\"a\",\"script\":\"x\",\"run_on\":\"start\",\"timeout\":\"5m\"}");
+    expect_bad_with(MANIFEST_SCRIPTS,
+                    "{\"name\":\"a\",\"script\":\"x\",\"run_on\":\"start\",\"blocks_login\":1}");
+    expect_bad_with(MANIFEST_SCRIPTS,
+                    "{\"name\":\"a\",\"script\":\"x\",\"run_on\":\"stop\",\"blocks_login\":true}");
+    /* at most PROTO_MAX_SCRIPTS */
+    char *many =
+        repeat("{\"name\":\"s%u\",\"script\":\"x\",\"run_on\":\"start\"}", PROTO_MAX_SCRIPTS);
+    expect_ok_with(MANIFEST_SCRIPTS, many);
+    free(many);
+    many =
+        repeat("{\"name\":\"s%u\",\"script\":\"x\",\"run_on\":\"start\"}", PROTO_MAX_SCRIPTS + 1);
+    expect_bad_with(MANIFEST_SCRIPTS, many);
+    free(many);
+
+    /* A NUL in a built message's script would cut the shell text: refused. */
+    json_t *m = json_pack("{s:s, s:s, s:[{s:s, s:s%, s:s}]}", "type", "manifest", "workspace", "w",
+                          "scripts", "name", "a", "script", "ls\0rm", (size_t)5, "run_on", "start");
+    assert_non_null(m);
+    char err[256] = "";
+    assert_int_equal(proto_control_validate(m, err, sizeof(err)), PROTO_E_JSON);
+    assert_non_null(strstr(err, "scripts"));
+    json_decref(m);
+}
+
+static void test_control_manifest_metadata(void **state)
+{
+    (void)state;
+    expect_ok_with(MANIFEST_METADATA, "");
+    expect_ok_with(MANIFEST_METADATA, "{\"key\":\"load\",\"script\":\"cat /proc/loadavg\","
+                                      "\"interval\":10,\"timeout\":5}");
+    expect_ok_with(MANIFEST_METADATA, "{\"key\":\"a\",\"script\":\"x\",\"interval\":86400,"
+                                      "\"timeout\":3600},{\"key\":\"b\",\"script\":\"y\","
+                                      "\"interval\":1,\"timeout\":1}");
+    expect_bad("{\"type\":\"manifest\",\"workspace\":\"w\",\"metadata\":{\"a\":\"x\"}}");
+    expect_bad_with(MANIFEST_METADATA, "{\"script\":\"x\"}");
+    expect_bad_with(MANIFEST_METADATA, "{\"key\":\"a\"}");
+    expect_bad_with(MANIFEST_METADATA, "{\"key\":\"\",\"script\":\"x\"}");
+    expect_bad_with(MANIFEST_METADATA, "{\"key\":\"a=b\",\"script\":\"x\"}");
+    expect_bad_with(MANIFEST_METADATA, "{\"key\":\"a\",\"script\":\"\"}");
+    expect_bad_with(MANIFEST_METADATA, "{\"key\":\"a\",\"script\":\"x\",\"interval\":0}");
+    expect_bad_with(MANIFEST_METADATA, "{\"key\":\"a\",\"script\":\"x\",\"interval\":86401}");
+    expect_bad_with(MANIFEST_METADATA, "{\"key\":\"a\",\"script\":\"x\",\"timeout\":0}");
+    expect_bad_with(MANIFEST_METADATA, "{\"key\":\"a\",\"script\":\"x\",\"timeout\":3601}");
+    expect_bad_with(MANIFEST_METADATA, "{\"key\":\"a\",\"script\":\"x\",\"timeout\":true}");
+    /* keys are unique (case matters) */
+    expect_bad_with(MANIFEST_METADATA, "{\"key\":\"a\",\"script\":\"x\"},{\"key\":\"b\","
+                                       "\"script\":\"y\"},{\"key\":\"a\",\"script\":\"z\"}");
+    expect_ok_with(MANIFEST_METADATA, "{\"key\":\"a\",\"script\":\"x\"},{\"key\":\"A\","
+                                      "\"script\":\"y\"}");
+    char *many = repeat("{\"key\":\"k%u\",\"script\":\"x\"}", PROTO_MAX_METADATA);
+    expect_ok_with(MANIFEST_METADATA, many);
+    free(many);
+    many = repeat("{\"key\":\"k%u\",\"script\":\"x\"}", PROTO_MAX_METADATA + 1);
+    expect_bad_with(MANIFEST_METADATA, many);
+    free(many);
+}
+
+static void test_control_lifecycle(void **state)
+{
+    (void)state;
+    const char *const *names = proto_lifecycle_states();
+    int n = 0;
+    for (; names[n]; n++) {
+        char m[128];
+        snprintf(m, sizeof(m), "{\"type\":\"lifecycle\",\"state\":\"%s\",\"changed_at\":0}",
+                 names[n]);
+        expect_ok(m);
+        assert_int_equal(proto_lifecycle_state(names[n]), n);
+        assert_string_equal(proto_lifecycle_name(n), names[n]);
+    }
+    assert_int_equal(n, PROTO_LC_COUNT);
+    assert_string_equal(names[PROTO_LC_CREATED], "created");
+    assert_string_equal(names[PROTO_LC_STARTING], "starting");
+    assert_string_equal(names[PROTO_LC_READY], "ready");
+    assert_string_equal(names[PROTO_LC_START_ERROR], "start_error");
+    assert_string_equal(names[PROTO_LC_START_TIMEOUT], "start_timeout");
+    assert_string_equal(names[PROTO_LC_SHUTTING_DOWN], "shutting_down");
+    assert_string_equal(names[PROTO_LC_SHUTDOWN_ERROR], "shutdown_error");
+    assert_string_equal(names[PROTO_LC_SHUTDOWN_TIMEOUT], "shutdown_timeout");
+    assert_string_equal(names[PROTO_LC_OFF], "off");
+    assert_int_equal(proto_lifecycle_state("Ready"), -1);
+    assert_int_equal(proto_lifecycle_state(""), -1);
+    assert_int_equal(proto_lifecycle_state(NULL), -1);
+    assert_null(proto_lifecycle_name(-1));
+    assert_null(proto_lifecycle_name(PROTO_LC_COUNT));
+
+    /* the partial order: created < starting < {ready, start_*} < shutting_down < ... < off */
+    assert_true(proto_lifecycle_rank(PROTO_LC_CREATED) < proto_lifecycle_rank(PROTO_LC_STARTING));
+    assert_int_equal(proto_lifecycle_rank(PROTO_LC_READY),
+                     proto_lifecycle_rank(PROTO_LC_START_ERROR));
+    assert_int_equal(proto_lifecycle_rank(PROTO_LC_READY),
+                     proto_lifecycle_rank(PROTO_LC_START_TIMEOUT));
+    assert_true(proto_lifecycle_rank(PROTO_LC_STARTING) < proto_lifecycle_rank(PROTO_LC_READY));
+    assert_true(proto_lifecycle_rank(PROTO_LC_START_TIMEOUT) <
+                proto_lifecycle_rank(PROTO_LC_SHUTTING_DOWN));
+    assert_int_equal(proto_lifecycle_rank(PROTO_LC_SHUTDOWN_ERROR),
+                     proto_lifecycle_rank(PROTO_LC_SHUTDOWN_TIMEOUT));
+    assert_true(proto_lifecycle_rank(PROTO_LC_SHUTTING_DOWN) <
+                proto_lifecycle_rank(PROTO_LC_SHUTDOWN_ERROR));
+    assert_true(proto_lifecycle_rank(PROTO_LC_SHUTDOWN_TIMEOUT) <
+                proto_lifecycle_rank(PROTO_LC_OFF));
+    assert_int_equal(proto_lifecycle_rank(PROTO_LC_COUNT), -1);
+    assert_int_equal(proto_lifecycle_rank(-1), -1);
+
+    expect_ok("{\"type\":\"lifecycle\",\"state\":\"ready\",\"changed_at\":1796000000000}");
+    expect_ok("{\"type\":\"lifecycle\",\"state\":\"off\",\"changed_at\":9223372036854775807,"
+              "\"later\":[]}");
+    expect_bad("{\"type\":\"lifecycle\",\"changed_at\":1}");
+    expect_bad("{\"type\":\"lifecycle\",\"state\":\"ready\"}");
+    expect_bad("{\"type\":\"lifecycle\",\"state\":\"running\",\"changed_at\":1}");
+    expect_bad("{\"type\":\"lifecycle\",\"state\":\"READY\",\"changed_at\":1}");
+    expect_bad("{\"type\":\"lifecycle\",\"state\":\"ready \",\"changed_at\":1}");
+    expect_bad("{\"type\":\"lifecycle\",\"state\":2,\"changed_at\":1}");
+    expect_bad("{\"type\":\"lifecycle\",\"state\":\"ready\",\"changed_at\":-1}");
+    expect_bad("{\"type\":\"lifecycle\",\"state\":\"ready\",\"changed_at\":1.0}");
+    expect_bad("{\"type\":\"lifecycle\",\"state\":\"ready\",\"changed_at\":\"1\"}");
+
+    /* a built message with a NUL inside the state name */
+    json_t *m = json_pack("{s:s, s:s%, s:i}", "type", "lifecycle", "state", "ready\0x", (size_t)7,
+                          "changed_at", 1);
+    assert_non_null(m);
+    assert_int_equal(proto_control_validate(m, NULL, 0), PROTO_E_JSON);
+    json_decref(m);
+}
+
+static void test_control_logs(void **state)
+{
+    (void)state;
+    /* the schema only: what "data" holds is logbatch_decode's business */
+    expect_ok("{\"type\":\"logs\",\"seq\":1,\"lines\":1,\"data\":\"eJwDAAAAAAE=\"}");
+    expect_ok("{\"type\":\"logs\",\"seq\":9223372036854775807,\"lines\":65536,\"data\":\"\"}");
+    expect_ok("{\"type\":\"logs\",\"seq\":7,\"lines\":123,\"data\":\"not base64 at all\"}");
+    expect_bad("{\"type\":\"logs\",\"lines\":1,\"data\":\"\"}");
+    expect_bad("{\"type\":\"logs\",\"seq\":1,\"data\":\"\"}");
+    expect_bad("{\"type\":\"logs\",\"seq\":1,\"lines\":1}");
+    expect_bad("{\"type\":\"logs\",\"seq\":0,\"lines\":1,\"data\":\"\"}");
+    expect_bad("{\"type\":\"logs\",\"seq\":-1,\"lines\":1,\"data\":\"\"}");
+    expect_bad("{\"type\":\"logs\",\"seq\":1.0,\"lines\":1,\"data\":\"\"}");
+    expect_bad("{\"type\":\"logs\",\"seq\":1,\"lines\":0,\"data\":\"\"}");
+    expect_bad("{\"type\":\"logs\",\"seq\":1,\"lines\":65537,\"data\":\"\"}");
+    expect_bad("{\"type\":\"logs\",\"seq\":1,\"lines\":\"1\",\"data\":\"\"}");
+    expect_bad("{\"type\":\"logs\",\"seq\":1,\"lines\":1,\"data\":[]}");
+    expect_bad("{\"type\":\"logs\",\"seq\":1,\"lines\":1,\"data\":null}");
+    /* "data" is not held to the 4096-byte string limit (a batch is up to ~85 KiB of it) */
+    char *s = with_long_string("{\"type\":\"logs\",\"seq\":1,\"lines\":1,\"data\":\"%s\"}", 100000);
+    expect_ok(s);
+    free(s);
+}
+
+#define METADATA_MSG "{\"type\":\"metadata\",\"items\":[%s]}"
+
+static void test_control_metadata(void **state)
+{
+    (void)state;
+    expect_ok_with(METADATA_MSG, "{\"key\":\"load\",\"value\":\"0.1 0.2 0.3\",\"error\":\"\","
+                                 "\"collected_at\":1796000000000}");
+    expect_ok_with(METADATA_MSG, "{\"key\":\"a\",\"value\":\"\",\"error\":\"exit status 3\","
+                                 "\"collected_at\":0},{\"key\":\"b\",\"value\":\"x\","
+                                 "\"error\":\"\",\"collected_at\":5,\"later\":1}");
+    expect_bad("{\"type\":\"metadata\"}");
+    expect_bad_with(METADATA_MSG, ""); /* at least one item */
+    expect_bad("{\"type\":\"metadata\",\"items\":{}}");
+    expect_bad_with(METADATA_MSG, "\"load\"");
+    /* every member is required */
+    expect_bad_with(METADATA_MSG, "{\"value\":\"\",\"error\":\"\",\"collected_at\":0}");
+    expect_bad_with(METADATA_MSG, "{\"key\":\"a\",\"error\":\"\",\"collected_at\":0}");
+    expect_bad_with(METADATA_MSG, "{\"key\":\"a\",\"value\":\"\",\"collected_at\":0}");
+    expect_bad_with(METADATA_MSG, "{\"key\":\"a\",\"value\":\"\",\"error\":\"\"}");
+    /* types and ranges */
+    expect_bad_with(METADATA_MSG,
+                    "{\"key\":\"a b\",\"value\":\"\",\"error\":\"\",\"collected_at\":0}");
+    expect_bad_with(METADATA_MSG, "{\"key\":\"a\",\"value\":1,\"error\":\"\",\"collected_at\":0}");
+    expect_bad_with(METADATA_MSG,
+                    "{\"key\":\"a\",\"value\":\"\",\"error\":null,\"collected_at\":0}");
+    expect_bad_with(METADATA_MSG,
+                    "{\"key\":\"a\",\"value\":\"\",\"error\":\"\",\"collected_at\":-1}");
+    expect_bad_with(METADATA_MSG,
+                    "{\"key\":\"a\",\"value\":\"\",\"error\":\"\",\"collected_at\":1.5}");
+    expect_bad_with(METADATA_MSG, "{\"key\":\"a\",\"value\":\"\",\"error\":\"\","
+                                  "\"collected_at\":0},{\"key\":\"a\",\"value\":\"\","
+                                  "\"error\":\"\",\"collected_at\":0}");
+    /* value up to PROTO_MAX_METADATA_VALUE bytes, error up to 4096 */
+    const char *vfmt =
+        "{\"type\":\"metadata\",\"items\":[{\"key\":\"a\",\"value\":\"%s\",\"error\":\"\","
+        "\"collected_at\":0}]}";
+    const char *efmt =
+        "{\"type\":\"metadata\",\"items\":[{\"key\":\"a\",\"value\":\"\",\"error\":\"%s\","
+        "\"collected_at\":0}]}";
+    char *s = with_long_string(vfmt, PROTO_MAX_METADATA_VALUE);
+    expect_ok(s);
+    free(s);
+    s = with_long_string(vfmt, PROTO_MAX_METADATA_VALUE + 1);
+    expect_bad(s);
+    free(s);
+    s = with_long_string(efmt, PROTO_MAX_METADATA_ERROR);
+    expect_ok(s);
+    free(s);
+    s = with_long_string(efmt, PROTO_MAX_METADATA_ERROR + 1);
+    expect_bad(s);
+    free(s);
+    /* at most PROTO_MAX_METADATA items */
+    char *many = repeat("{\"key\":\"k%u\",\"value\":\"v\",\"error\":\"\",\"collected_at\":1}",
+                        PROTO_MAX_METADATA);
+    expect_ok_with(METADATA_MSG, many);
+    free(many);
+    many = repeat("{\"key\":\"k%u\",\"value\":\"v\",\"error\":\"\",\"collected_at\":1}",
+                  PROTO_MAX_METADATA + 1);
+    expect_bad_with(METADATA_MSG, many);
+    free(many);
+}
+
+#define PORTS_FWD "{\"type\":\"ports\",\"ports\":[],\"forward_ports\":[%s]}"
+
+static void test_control_forward_ports(void **state)
+{
+    (void)state;
+    expect_ok_with(PORTS_FWD, "");
+    expect_ok_with(PORTS_FWD, "{\"port\":3000},{\"port\":5432,\"host\":\"db\"},"
+                              "{\"port\":65535,\"host\":\"a.b-c_d:1\",\"label\":\"x\"}");
+    expect_bad("{\"type\":\"ports\",\"ports\":[],\"forward_ports\":{}}");
+    expect_bad("{\"type\":\"ports\",\"ports\":[],\"forward_ports\":[3000]}");
+    expect_bad("{\"type\":\"ports\",\"ports\":[],\"forward_ports\":null}");
+    expect_bad_with(PORTS_FWD, "{\"host\":\"db\"}");
+    expect_bad_with(PORTS_FWD, "{\"port\":0}");
+    expect_bad_with(PORTS_FWD, "{\"port\":65536}");
+    expect_bad_with(PORTS_FWD, "{\"port\":\"3000\"}");
+    expect_bad_with(PORTS_FWD, "{\"port\":1,\"host\":\"\"}");
+    expect_bad_with(PORTS_FWD, "{\"port\":1,\"host\":7}");
+    const char *hfmt = "{\"type\":\"ports\",\"ports\":[],\"forward_ports\":[{\"port\":1,"
+                       "\"host\":\"%s\"}]}";
+    char *s = with_long_string(hfmt, PROTO_MAX_HOST);
+    expect_ok(s);
+    free(s);
+    s = with_long_string(hfmt, PROTO_MAX_HOST + 1);
+    expect_bad(s);
+    free(s);
+    char *many = repeat("{\"port\":1%u}", PROTO_MAX_FORWARD_PORTS);
+    expect_ok_with(PORTS_FWD, many);
+    free(many);
+    many = repeat("{\"port\":1%u}", PROTO_MAX_FORWARD_PORTS + 1);
+    expect_bad_with(PORTS_FWD, many);
+    free(many);
+}
+
+/* Error texts say where the fault is. */
+static void test_control_new_errors(void **state)
+{
+    (void)state;
+    const char *s = "{\"type\":\"manifest\",\"workspace\":\"w\",\"scripts\":[{\"name\":\"a\","
+                    "\"script\":\"x\",\"run_on\":\"start\"},{\"name\":\"b\",\"script\":\"x\","
+                    "\"run_on\":\"later\"}]}";
+    json_t *msg;
+    char err[256] = "";
+    assert_int_equal(proto_control_parse((const uint8_t *)s, strlen(s), &msg, err, sizeof(err)),
+                     PROTO_E_JSON);
+    assert_non_null(strstr(err, "\"scripts\"[1]"));
+    assert_non_null(strstr(err, "run_on"));
+    s = "{\"type\":\"metadata\",\"items\":[{\"key\":\"a\",\"value\":\"\",\"error\":\"\","
+        "\"collected_at\":0},{\"key\":\"a\",\"value\":\"\",\"error\":\"\",\"collected_at\":0}]}";
+    assert_int_equal(proto_control_parse((const uint8_t *)s, strlen(s), &msg, err, sizeof(err)),
+                     PROTO_E_JSON);
+    assert_non_null(strstr(err, "twice"));
+}
+
 static void test_control_validate_built(void **state)
 {
     (void)state;
@@ -1325,6 +1694,13 @@ int main(void)
         cmocka_unit_test(test_control_size_limit),
         cmocka_unit_test(test_control_deep_nesting),
         cmocka_unit_test(test_control_validate_built),
+        cmocka_unit_test(test_control_manifest_scripts),
+        cmocka_unit_test(test_control_manifest_metadata),
+        cmocka_unit_test(test_control_lifecycle),
+        cmocka_unit_test(test_control_logs),
+        cmocka_unit_test(test_control_metadata),
+        cmocka_unit_test(test_control_forward_ports),
+        cmocka_unit_test(test_control_new_errors),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
