@@ -6,6 +6,7 @@
 #include "cli.h"
 #include "commands.h"
 #include "tunnel/log.h"
+#include "tunnel/logring.h"
 #include "tunnel/relay.h"
 
 static const char relay_usage[] =
@@ -24,6 +25,11 @@ static const char relay_usage[] =
     "  --on-idle COMMAND          run COMMAND (with sh -c, TETHER_WORKSPACE=NAME in its\n"
     "                             environment) once each time a workspace becomes idle\n"
     "  --stats-interval SECONDS   how often agents report activity (default 30; 0 = never)\n"
+    "  --manifest FILE            JSON {WORKSPACE|\"*\": {MEMBER: VALUE}}: what agents get in\n"
+    "                             their manifest (owner, directory, motd, env,\n"
+    "                             authorized_keys, scripts, metadata); a workspace's own\n"
+    "                             entry wins over \"*\" member by member\n"
+    "  --log-lines N              log lines kept per workspace (default 2000, 1..1000000)\n"
     "  --keepalive-idle DURATION  ping an agent after this much silence (default 15s)\n"
     "  --keepalive-timeout DURATION  drop an agent after this much silence (default 45s)\n"
     "  --log-level LEVEL          error, warn, info (default) or debug\n"
@@ -65,6 +71,8 @@ int cmd_relay(int argc, char **argv)
         {"idle-timeout", required_argument, NULL, 'd'},
         {"on-idle", required_argument, NULL, 'o'},
         {"stats-interval", required_argument, NULL, 's'},
+        {"manifest", required_argument, NULL, 'm'},
+        {"log-lines", required_argument, NULL, 'n'},
         CLI_OPTS_KEEPALIVE,
         CLI_OPTS_END,
     };
@@ -111,6 +119,19 @@ int cmd_relay(int argc, char **argv)
             cfg.stats_interval_s = (unsigned)v;
             continue;
         }
+        case 'm':
+            cfg.manifest_path = optarg;
+            continue;
+        case 'n': {
+            char *end;
+            unsigned long v = strtoul(optarg, &end, 10);
+            if (end == optarg || *end || optarg[0] == '-' || v < 1 || v > LOGRING_MAX_LINES) {
+                cli_error("bad --log-lines '%s' (lines, 1..%u)", optarg, LOGRING_MAX_LINES);
+                return EXIT_USAGE;
+            }
+            cfg.log_lines = (size_t)v;
+            continue;
+        }
         }
         int rc = cli_shared_option(&sh, c, argv);
         if (rc != CLI_NEXT)
@@ -145,10 +166,10 @@ int cmd_relay(int argc, char **argv)
     struct relay_run run;
     memset(&run, 0, sizeof(run));
     char err[512];
-    run.relay = relay_new(&run.rt.loop, &cfg, err, sizeof(err));
-    if (!run.relay) {
+    int rc = relay_open(&run.relay, &run.rt.loop, &cfg, err, sizeof(err));
+    if (rc < 0) {
         cli_error("%s", err);
-        return EXIT_FAIL;
+        return rc == RELAY_E_CONFIG ? EXIT_USAGE : EXIT_FAIL;
     }
     struct wsctx_server srv = {
         .protocols = relay_protocols(),

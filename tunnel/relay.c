@@ -9,15 +9,25 @@
 #include "bytebuf.h"
 #include "chunkq.h"
 #include "log.h"
+#include "manifestfile.h"
 #include "mux.h"
 #include "ptyconv.h"
 #include "tokens.h"
 #include "web/web_assets.h"
+#include "wsstatus.h"
 
 /* How often the relay ticks every agent's keepalive. */
 #define RELAY_TICK_MS 500u
 #define RELAY_STATS_INTERVAL_S 30u /* agents' stats, unless --stats-interval says otherwise */
 #define RELAY_MAX_WORKSPACES 100000u
+/* Log lines kept per workspace, unless --log-lines says otherwise. */
+#define RELAY_LOG_LINES 2000u
+/*
+ * One GET .../logs reply holds at most this many lines and, past its first line, this many
+ * bytes of text (a few MiB of JSON at worst); "next" tells the client where to go on.
+ */
+#define RELAY_LOGS_REPLY_LINES 10000u
+#define RELAY_LOGS_REPLY_TEXT (1024u * 1024)
 /* lws hands websocket payload to the relay in pieces of at most this many bytes. */
 #define RELAY_RX_BUFFER (64u * 1024)
 /* After GOAWAY, how long open streams may go on before the tunnel closes anyway. */
@@ -53,9 +63,7 @@ struct relay_workspace {
     char os[32];
     char arch[32];
     int64_t last_seen_ms;   /* unix ms of the last frame from an agent, or -1 */
-    json_t *stats;          /* the agent's last stats message, or NULL */
-    json_t *ports;          /* the agent's last ports list, or NULL */
-    uint64_t stats_mono_ms; /* when it arrived (uv_now) */
+    struct wsstatus status; /* what its agents reported (clock: uv_now) */
     bool idle_fired;        /* on_idle ran for the current idle period */
 };
 
@@ -121,6 +129,7 @@ struct relay {
     uv_loop_t *loop;
     struct relay_config cfg;
     struct tokens *tokens;
+    struct manifestfile *manifest; /* --manifest, or NULL */
     struct relay_workspace *workspaces;
     size_t nworkspaces;
     struct relay_agent *agents;
@@ -134,6 +143,7 @@ void relay_config_default(struct relay_config *cfg)
     cfg->keepalive_idle_ms = MUX_KEEPALIVE_IDLE_MS;
     cfg->keepalive_timeout_ms = MUX_KEEPALIVE_TIMEOUT_MS;
     cfg->stats_interval_s = RELAY_STATS_INTERVAL_S;
+    cfg->log_lines = RELAY_LOG_LINES;
 }
 
 /*
@@ -186,16 +196,7 @@ static bool agent_ready(const struct relay_workspace *w)
 /* Milliseconds the workspace has been idle, from its agent's last stats; -1 if unknown. */
 static int64_t idle_ms(const struct relay *r, const struct relay_workspace *w)
 {
-    if (!w->stats)
-        return -1;
-    uint64_t reported = (uint64_t)json_integer_value(json_object_get(w->stats, "idle_ms"));
-    return (int64_t)(reported + (uv_now(r->loop) - w->stats_mono_ms));
-}
-
-static json_t *stats_member(const struct relay_workspace *w, const char *key)
-{
-    json_t *v = w->stats ? json_object_get(w->stats, key) : NULL;
-    return v ? json_deep_copy(v) : json_object();
+    return wsstatus_idle_ms(&w->status, uv_now(r->loop));
 }
 
 static json_t *workspace_json(const struct relay *r, const struct relay_workspace *w)
@@ -210,15 +211,7 @@ static json_t *workspace_json(const struct relay *r, const struct relay_workspac
     json_object_set_new(o, "hostname", w->hostname[0] ? json_string(w->hostname) : json_null());
     json_object_set_new(o, "os", w->os[0] ? json_string(w->os) : json_null());
     json_object_set_new(o, "arch", w->arch[0] ? json_string(w->arch) : json_null());
-    json_t *last = w->stats ? json_object_get(w->stats, "last_activity") : NULL;
-    json_object_set_new(o, "last_activity",
-                        last ? json_integer(json_integer_value(last)) : json_null());
-    int64_t idle = idle_ms(r, w);
-    json_object_set_new(o, "idle_seconds", idle >= 0 ? json_integer(idle / 1000) : json_null());
-    json_object_set_new(o, "sessions", stats_member(w, "sessions"));
-    json_object_set_new(o, "rx_bytes", stats_member(w, "rx_bytes"));
-    json_object_set_new(o, "tx_bytes", stats_member(w, "tx_bytes"));
-    json_object_set_new(o, "ports", w->ports ? json_deep_copy(w->ports) : json_array());
+    wsstatus_json(&w->status, o, uv_now(r->loop));
     return o;
 }
 
@@ -337,6 +330,7 @@ enum route_kind {
     ROUTE_NONE,
     ROUTE_LIST,
     ROUTE_ONE,
+    ROUTE_LOGS,
     ROUTE_METRICS,
     ROUTE_AGENT,
     ROUTE_TCP,
@@ -382,6 +376,10 @@ static void parse_route(const char *uri, struct route *rt)
     }
     if (strcmp(rest, "/ssh") == 0) {
         rt->kind = ROUTE_SSH;
+        return;
+    }
+    if (strcmp(rest, "/logs") == 0) { /* its query: see parse_logs_query */
+        rt->kind = ROUTE_LOGS;
         return;
     }
     if (strcmp(rest, "/pty") == 0) { /* lws keeps the query apart: see parse_pty_query */
@@ -965,6 +963,15 @@ static int serve_metrics(struct relay *r, struct lws *wsi, const char *token)
         if (tokens_user_allows(r->tokens, token, r->workspaces[i].name))
             prom_line(&b, "tether_workspace_connected", r->workspaces[i].name, NULL, NULL,
                       agent_ready(&r->workspaces[i]));
+    head = "# HELP tether_workspace_lifecycle The workspace's lifecycle state, as its agent "
+           "reported it.\n"
+           "# TYPE tether_workspace_lifecycle gauge\n";
+    bytebuf_append(&b, head, strlen(head));
+    for (size_t i = 0; i < r->nworkspaces; i++) {
+        const char *state = wsstatus_lifecycle(&r->workspaces[i].status);
+        if (state && tokens_user_allows(r->tokens, token, r->workspaces[i].name))
+            prom_line(&b, "tether_workspace_lifecycle", r->workspaces[i].name, "state", state, 1);
+    }
     head = "# HELP tether_workspace_idle_seconds Seconds since the last activity.\n"
            "# TYPE tether_workspace_idle_seconds gauge\n";
     bytebuf_append(&b, head, strlen(head));
@@ -981,7 +988,8 @@ static int serve_metrics(struct relay *r, struct lws *wsi, const char *token)
         bytebuf_append(&b, h, (size_t)n);
         for (size_t i = 0; i < r->nworkspaces; i++) {
             const struct relay_workspace *w = &r->workspaces[i];
-            json_t *obj = w->stats ? json_object_get(w->stats, per_key[m].member) : NULL;
+            json_t *obj =
+                w->status.stats ? json_object_get(w->status.stats, per_key[m].member) : NULL;
             if (!obj || !tokens_user_allows(r->tokens, token, w->name))
                 continue;
             const char *k;
@@ -996,33 +1004,10 @@ static int serve_metrics(struct relay *r, struct lws *wsi, const char *token)
     return rc;
 }
 
-static int serve_http(struct relay *r, struct lws *wsi, const char *uri)
+/* Writes a 200 JSON response of body (released here), with a newline after it. */
+static int http_json(struct lws *wsi, json_t *body)
 {
-    char token[1100];
-    struct route rt;
-    if (lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) <= 0)
-        return http_error(wsi, 405, "method not allowed");
-    parse_route(uri, &rt);
-    if (rt.kind != ROUTE_LIST && rt.kind != ROUTE_ONE && rt.kind != ROUTE_METRICS)
-        return http_error(wsi, 404, "not found");
-    bearer_token(wsi, token, sizeof(token));
-    if (!tokens_user_valid(r->tokens, token))
-        return http_error(wsi, 401, "unauthorized");
-    if (rt.kind == ROUTE_METRICS)
-        return serve_metrics(r, wsi, token);
-    json_t *body;
-    if (rt.kind == ROUTE_LIST) {
-        body = json_array();
-        for (size_t i = 0; i < r->nworkspaces; i++)
-            if (tokens_user_allows(r->tokens, token, r->workspaces[i].name))
-                json_array_append_new(body, workspace_json(r, &r->workspaces[i]));
-    } else {
-        struct relay_workspace *w = workspace_find(r, rt.name);
-        if (!w || !tokens_user_allows(r->tokens, token, rt.name))
-            return http_error(wsi, 404, "no such workspace");
-        body = workspace_json(r, w);
-    }
-    char *s = json_dumps(body, JSON_COMPACT);
+    char *s = body ? json_dumps(body, JSON_COMPACT) : NULL;
     json_decref(body);
     if (!s)
         return http_error(wsi, 500, "out of memory");
@@ -1036,6 +1021,91 @@ static int serve_http(struct relay *r, struct lws *wsi, const char *uri)
     int rc = http_reply(wsi, 200, withnl);
     free(withnl);
     return rc;
+}
+
+/*
+ * Reads ?after=N of GET .../logs (0 if absent): decimal digits, at most INT64_MAX. Other
+ * arguments are ignored. Returns 0, or -1 with the reason in why.
+ */
+static int parse_logs_query(struct lws *wsi, uint64_t *after, char *why, size_t whylen)
+{
+    static const char bad[] = "after must be a decimal number from 0 to 9223372036854775807";
+    char arg[RELAY_PTY_ARG_MAX + 1];
+    bool seen = false;
+    *after = 0;
+    for (int i = 0; i < RELAY_PTY_MAX_ARGS; i++) {
+        int n = lws_hdr_copy_fragment(wsi, arg, (int)sizeof(arg), WSI_TOKEN_HTTP_URI_ARGS, i);
+        if (n < 0) {
+            if (lws_hdr_fragment_length(wsi, WSI_TOKEN_HTTP_URI_ARGS, i) >= (int)sizeof(arg)) {
+                snprintf(why, whylen, "an argument is over %zu bytes", RELAY_PTY_ARG_MAX);
+                return -1;
+            }
+            break; /* no more arguments */
+        }
+        if (strncmp(arg, "after", 5) != 0 || (arg[5] != '=' && arg[5] != '\0'))
+            continue;
+        if (seen) {
+            snprintf(why, whylen, "after is given twice");
+            return -1;
+        }
+        seen = true;
+        const char *v = arg + 6;
+        size_t vl = arg[5] == '=' ? (size_t)n - 6 : 0;
+        uint64_t x = 0;
+        for (size_t k = 0; k < vl; k++) {
+            if (v[k] < '0' || v[k] > '9' || x > ((uint64_t)INT64_MAX - (uint64_t)(v[k] - '0')) / 10)
+                vl = 0;
+            else
+                x = x * 10 + (uint64_t)(v[k] - '0');
+        }
+        if (vl == 0) {
+            snprintf(why, whylen, "%s", bad);
+            return -1;
+        }
+        *after = x;
+    }
+    return 0;
+}
+
+/* GET .../logs?after=N: the kept log lines after line N (PROTOCOL.md 14.4.2). */
+static int serve_logs(struct lws *wsi, const struct relay_workspace *w)
+{
+    uint64_t after;
+    char why[128];
+    if (parse_logs_query(wsi, &after, why, sizeof(why)) < 0)
+        return http_error(wsi, 400, why);
+    return http_json(
+        wsi, logring_json(&w->status.logs, after, RELAY_LOGS_REPLY_LINES, RELAY_LOGS_REPLY_TEXT));
+}
+
+static int serve_http(struct relay *r, struct lws *wsi, const char *uri)
+{
+    char token[1100];
+    struct route rt;
+    if (lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) <= 0)
+        return http_error(wsi, 405, "method not allowed");
+    parse_route(uri, &rt);
+    if (rt.kind != ROUTE_LIST && rt.kind != ROUTE_ONE && rt.kind != ROUTE_LOGS &&
+        rt.kind != ROUTE_METRICS)
+        return http_error(wsi, 404, "not found");
+    bearer_token(wsi, token, sizeof(token));
+    if (!tokens_user_valid(r->tokens, token))
+        return http_error(wsi, 401, "unauthorized");
+    if (rt.kind == ROUTE_METRICS)
+        return serve_metrics(r, wsi, token);
+    if (rt.kind == ROUTE_LIST) {
+        json_t *body = json_array();
+        for (size_t i = 0; body && i < r->nworkspaces; i++)
+            if (tokens_user_allows(r->tokens, token, r->workspaces[i].name))
+                json_array_append_new(body, workspace_json(r, &r->workspaces[i]));
+        return http_json(wsi, body);
+    }
+    struct relay_workspace *w = workspace_find(r, rt.name);
+    if (!w || !tokens_user_allows(r->tokens, token, rt.name))
+        return http_error(wsi, 404, "no such workspace");
+    if (rt.kind == ROUTE_LOGS)
+        return serve_logs(wsi, w);
+    return http_json(wsi, workspace_json(r, w));
 }
 
 /*
@@ -1596,18 +1666,12 @@ static void a_control(void *ud, json_t *msg)
     struct relay_agent *a = ud;
     const char *type = json_string_value(json_object_get(msg, "type"));
     struct relay_workspace *w = a->ws;
-    if (strcmp(type, "ports") == 0 && a->current) { /* proto checked its schema */
-        json_decref(w->ports);
-        w->ports = json_incref(json_object_get(msg, "ports"));
+    if (!a->current)
+        return; /* a replaced connection's reports are stale */
+    /* proto checked the schema of every known type */
+    if (wsstatus_control(&w->status, w->name, msg, uv_now(a->relay->loop), unix_ms()))
         return;
-    }
-    if (strcmp(type, "stats") == 0 && a->current) { /* proto checked its schema */
-        json_decref(w->stats);
-        w->stats = json_incref(msg);
-        w->stats_mono_ms = uv_now(a->relay->loop);
-        return;
-    }
-    if (strcmp(type, "hello") != 0 || !a->current)
+    if (strcmp(type, "hello") != 0)
         return;
     /* proto_control_validate checked these are strings; they are still the agent's words. */
     const struct {
@@ -1626,10 +1690,13 @@ static void a_control(void *ud, json_t *msg)
     }
     log_info("workspace %s: agent %s on %s (%s/%s) connected", w->name, w->agent_version,
              w->hostname, w->os, w->arch);
-    json_t *manifest = json_pack("{s:s, s:s, s:I}", "type", "manifest", "workspace", w->name,
-                                 "stats_interval", (json_int_t)a->relay->cfg.stats_interval_s);
-    mux_send_control(a->mux, manifest);
+    wsstatus_agent_hello(&w->status);
+    json_t *manifest =
+        manifestfile_manifest(a->relay->manifest, w->name, a->relay->cfg.stats_interval_s);
+    int rc = manifest ? mux_send_control(a->mux, manifest) : MUX_E_NOMEM;
     json_decref(manifest);
+    if (rc < 0) /* relay_new checked that every manifest is valid and fits in a frame */
+        log_error("workspace %s: cannot send the manifest (error %d)", w->name, rc);
 }
 
 static void a_hello(void *ud, const struct proto_hello *peer)
@@ -1976,46 +2043,56 @@ const struct lws_protocols *relay_protocols(void)
     return protocols;
 }
 
-struct relay *relay_new(uv_loop_t *loop, const struct relay_config *cfg, char *err, size_t errlen)
+int relay_open(struct relay **out, uv_loop_t *loop, const struct relay_config *cfg, char *err,
+               size_t errlen)
 {
+    int rc = RELAY_E_FAIL;
     struct relay *r = calloc(1, sizeof(*r));
+    *out = NULL;
     if (!r) {
         snprintf(err, errlen, "out of memory");
-        return NULL;
+        return RELAY_E_FAIL;
     }
     r->loop = loop;
     r->cfg = *cfg;
     r->tokens = tokens_load(cfg->tokens_path, err, errlen);
     if (!r->tokens)
         goto fail;
-    r->nworkspaces = tokens_workspace_count(r->tokens);
-    if (r->nworkspaces > RELAY_MAX_WORKSPACES) {
+    size_t n = tokens_workspace_count(r->tokens);
+    if (n > RELAY_MAX_WORKSPACES) {
         snprintf(err, errlen, "%s names more than %u workspaces", cfg->tokens_path,
                  RELAY_MAX_WORKSPACES);
         goto fail;
     }
-    r->workspaces = calloc(r->nworkspaces ? r->nworkspaces : 1, sizeof(*r->workspaces));
+    if (cfg->manifest_path &&
+        !(r->manifest = manifestfile_load(cfg->manifest_path, r->tokens, err, errlen))) {
+        rc = RELAY_E_CONFIG;
+        goto fail;
+    }
+    r->workspaces = calloc(n ? n : 1, sizeof(*r->workspaces));
     r->out = malloc(LWS_PRE + MUX_OUTPUT_MIN);
     if (!r->workspaces || !r->out) {
         snprintf(err, errlen, "out of memory");
         goto fail;
     }
-    for (size_t i = 0; i < r->nworkspaces; i++) {
-        snprintf(r->workspaces[i].name, sizeof(r->workspaces[i].name), "%s",
-                 tokens_workspace_name(r->tokens, i));
-        r->workspaces[i].last_seen_ms = -1;
+    r->nworkspaces = n;
+    for (size_t i = 0; i < n; i++) {
+        struct relay_workspace *w = &r->workspaces[i];
+        snprintf(w->name, sizeof(w->name), "%s", tokens_workspace_name(r->tokens, i));
+        w->last_seen_ms = -1;
+        wsstatus_init(&w->status, cfg->log_lines); /* allocates nothing yet */
     }
-    return r;
+    *out = r;
+    return 0;
 fail:
-    tokens_free(r->tokens);
-    for (size_t i = 0; i < r->nworkspaces; i++) {
-        json_decref(r->workspaces[i].stats);
-        json_decref(r->workspaces[i].ports);
-    }
-    free(r->workspaces);
-    free(r->out);
-    free(r);
-    return NULL;
+    relay_free(r);
+    return rc;
+}
+
+struct relay *relay_new(uv_loop_t *loop, const struct relay_config *cfg, char *err, size_t errlen)
+{
+    struct relay *r;
+    return relay_open(&r, loop, cfg, err, errlen) == 0 ? r : NULL;
 }
 
 void relay_start(struct relay *r)
@@ -2040,10 +2117,9 @@ void relay_free(struct relay *r)
     if (!r)
         return;
     tokens_free(r->tokens);
-    for (size_t i = 0; i < r->nworkspaces; i++) {
-        json_decref(r->workspaces[i].stats);
-        json_decref(r->workspaces[i].ports);
-    }
+    manifestfile_free(r->manifest);
+    for (size_t i = 0; i < r->nworkspaces; i++)
+        wsstatus_free(&r->workspaces[i].status);
     free(r->workspaces);
     free(r->out);
     free(r);

@@ -8,7 +8,9 @@ from conftest import ADMIN, ONLY_A, WORKSPACES, wait_until
 
 FIELDS = {"name", "connected", "agent_version", "last_seen", "hostname", "os", "arch",
           # activity (PROTOCOL.md 12.5, 12.6): null / empty until the agent's first stats
-          "last_activity", "idle_seconds", "sessions", "rx_bytes", "tx_bytes", "ports"}
+          "last_activity", "idle_seconds", "sessions", "rx_bytes", "tx_bytes", "ports",
+          # lifecycle and reports (PROTOCOL.md 12.7, 12.9): null / empty until reported
+          "lifecycle", "lifecycle_changed_at", "metadata", "forward_ports"}
 
 
 def test_list_before_any_agent(relay):
@@ -163,5 +165,6 @@ def test_second_agent_replaces_first(harness, relay, agent):
                what="second agent to connect")
     wait_until(lambda: "replaced" in agent.stderr().lower(), timeout=15,
                what="the first agent to be told it was replaced")
-    assert relay.connected("alpha")
+    # "connected" needs the second agent's HELLO, which may follow its websocket's opening.
+    wait_until(lambda: relay.connected("alpha"), timeout=15, what="alpha connected again")
     assert second.alive() and agent.alive()
