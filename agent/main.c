@@ -17,6 +17,7 @@
 
 /* The process's log level: the only process-wide mutable setting (tunnel/log.h). */
 int tether_log_level = LOG_INFO;
+struct log_sink tether_log_sink; /* set by the agent while it runs */
 
 static const char usage[] =
     "usage: tether COMMAND [OPTIONS]\n"

@@ -31,6 +31,8 @@ void log_msg(enum log_level level, const char *fmt, ...)
     else
         line[sizeof(line) - 2] = '\n', len = sizeof(line) - 1;
     fwrite(line, 1, len, stderr);
+    if (tether_log_sink.fn && level <= LOG_INFO)
+        tether_log_sink.fn(tether_log_sink.ud, level, line + n, len - 1 - (size_t)n);
 }
 
 int log_level_parse(const char *name)

@@ -5,10 +5,23 @@
 #ifndef TETHER_LOG_H
 #define TETHER_LOG_H
 
+#include <stddef.h>
+
 enum log_level { LOG_ERROR = 0, LOG_WARN = 1, LOG_INFO = 2, LOG_DEBUG = 3 };
 
 /* Defined in agent/main.c: the one piece of process-wide configuration. */
 extern int tether_log_level;
+
+/*
+ * Also defined in agent/main.c: where log lines go besides stderr (the agent sends its own
+ * to the relay, agent/agentlog.h). fn gets the message without timestamp or newline; it
+ * must not log itself. fn NULL: stderr only.
+ */
+struct log_sink {
+    void (*fn)(void *ud, enum log_level level, const char *msg, size_t len);
+    void *ud;
+};
+extern struct log_sink tether_log_sink;
 
 void log_msg(enum log_level level, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 

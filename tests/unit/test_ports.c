@@ -10,6 +10,7 @@
 #include "agent/ports.h"
 #include "tunnel/log.h"
 
+struct log_sink tether_log_sink;
 int tether_log_level = LOG_ERROR; /* ports.c logs through tunnel/log */
 
 static const char tcp4[] =

@@ -22,6 +22,7 @@
 #include "agent/sftp.h"
 #include "tunnel/log.h"
 
+struct log_sink tether_log_sink;
 int tether_log_level = LOG_ERROR;
 
 struct owner {
