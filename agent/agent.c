@@ -1,5 +1,6 @@
 #include "agent.h"
 
+#include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/utsname.h>
@@ -8,6 +9,8 @@
 #include <jansson.h>
 
 #include "activity.h"
+#include "agentlog.h"
+#include "metadata.h"
 #include "portfwd.h"
 #include "ports.h"
 #include "ptystream.h"
@@ -26,6 +29,14 @@ struct agent {
     uv_timer_t stats_timer;
     uint64_t stats_interval_ms;
     bool connected;
+    struct agentlog *log;
+    struct lifecycle *lc;    /* with sshd only */
+    struct metadata *md;     /* with sshd only */
+    uv_timer_t hangup_timer; /* agent_stop: sessions had SIGHUP; SIGKILL for the rest */
+    uint64_t hangup_deadline;
+    bool hangup_killed;
+    unsigned handles; /* uv handles still open: freed when the last one closed */
+    bool stopping;
     struct portfwd_shared pf;
     void (*done)(void *);
     void *done_arg;
@@ -47,6 +58,7 @@ static void open_pty(struct agent *a, struct mux *m, uint32_t id, const struct p
         .oom_score_adj = sshd_child_oom_adj(a->sshd),
         .nice = SSHD_CHILD_NICE_DELTA,
         .activity = &a->activity,
+        .gate = a->lc ? lifecycle_gate(a->lc) : NULL,
     };
     ptystream_open(&a->ptys, &env, m, id, o);
     sshd_pty_env_free(envp);
@@ -126,6 +138,14 @@ static void on_control(void *ud, json_t *msg)
             sshd_set_manifest(a->sshd, msg);
         json_t *iv = json_object_get(msg, "stats_interval");
         set_stats_interval(a, iv ? (uint64_t)json_integer_value(iv) * 1000 : AGENT_STATS_MS);
+        if (a->lc && !a->stopping)
+            lifecycle_manifest(a->lc, msg);
+        if (a->md && !a->stopping) {
+            char **envp = sshd_pty_env(a->sshd, "dumb");
+            metadata_set_items(a->md, json_object_get(msg, "metadata"), envp,
+                               sshd_session_dir(a->sshd));
+            sshd_pty_env_free(envp);
+        }
     } else if (strcmp(type, "shutdown") == 0) {
         const char *why = json_string_value(json_object_get(msg, "reason"));
         log_info("the relay asks for shutdown%s%s", why ? ": " : "", why ? why : "");
@@ -168,11 +188,22 @@ static void send_stats(struct agent *a)
     json_decref(msg);
 }
 
-static void on_ports_changed(void *ud, json_t *msg)
+/* Ports, lifecycle, logs and metadata reports: sent while connected (each kind says again
+ * what matters after a reconnect). */
+static void send_report(void *ud, json_t *msg)
 {
     struct agent *a = ud;
     if (a->connected)
         dial_send_control(a->dial, msg);
+}
+
+/* The sink of tunnel/log while the agent runs: its own lines go to the relay too. */
+static void log_to_relay(void *ud, enum log_level level, const char *msg, size_t len)
+{
+    struct agent *a = ud;
+    (void)level;
+    if (a->log)
+        agentlog_line(a->log, "agent", msg, len);
 }
 
 static void on_stats_timer(uv_timer_t *t)
@@ -211,14 +242,20 @@ static void on_connected(void *ud, struct mux *m)
     json_decref(hello);
     a->connected = true;
     send_stats(a); /* once right away, then every interval */
+    if (a->lc)
+        lifecycle_connected(a->lc);
     if (a->ports)
         ports_scanner_reset(a->ports); /* the relay forgot: tell it again */
+    if (a->md)
+        metadata_resend(a->md);
+    agentlog_connected(a->log, true);
 }
 
 static void on_disconnected(void *ud, const char *why)
 {
     struct agent *a = ud;
     a->connected = false;
+    agentlog_connected(a->log, false);
     log_warn("disconnected from the relay: %s", why);
 }
 
@@ -236,55 +273,12 @@ static const struct dial_events agent_dial_events = {
     .disconnected = on_disconnected,
 };
 
-static void free_on_close(uv_handle_t *h)
-{
-    free(h->data);
-}
-
-struct agent *agent_new(uv_loop_t *loop, const struct dial_config *cfg, struct sshd *sshd,
-                        const struct rpty_config *pty_cfg, void (*on_shutdown)(void *arg),
-                        void *arg)
-{
-    struct agent *a = calloc(1, sizeof(*a));
-    if (!a)
-        return NULL;
-    a->sshd = sshd;
-    if (sshd) {
-        struct rpty_config def;
-        rpty_config_default(&def);
-        rpty_registry_init(&a->ptys, loop, sshd_reaper(sshd), pty_cfg ? pty_cfg : &def);
-    }
-    a->on_shutdown = on_shutdown;
-    a->shutdown_arg = arg;
-    a->loop = loop;
-    a->pf.loop = loop;
-    activity_init(&a->activity, loop);
-    a->pf.activity = &a->activity;
-    if (sshd)
-        sshd_set_activity(sshd, &a->activity);
-    uv_timer_init(loop, &a->stats_timer);
-    a->stats_timer.data = a;
-    set_stats_interval(a, AGENT_STATS_MS);
-    a->ports = ports_scanner_new(loop, PORTS_SCAN_MS_DEFAULT, on_ports_changed, a);
-    a->dial = dial_new(loop, cfg, &agent_streams, &agent_dial_events, a);
-    if (!a->dial) {
-        /* The timer's handle must close before the memory goes: free from its callback. */
-        ports_scanner_free(a->ports);
-        uv_close((uv_handle_t *)&a->stats_timer, free_on_close);
-        return NULL;
-    }
-    return a;
-}
-
-void agent_start(struct agent *a)
-{
-    log_info("tether agent %s dialing the relay", TETHER_VERSION);
-    dial_start(a->dial);
-}
-
-static void on_timer_closed(uv_handle_t *h)
+/* The last open handle closed: the agent's memory goes, then its owner hears of it. */
+static void on_handle_closed(uv_handle_t *h)
 {
     struct agent *a = h->data;
+    if (--a->handles > 0)
+        return;
     void (*done)(void *) = a->done;
     void *done_arg = a->done_arg;
     free(a);
@@ -292,27 +286,151 @@ static void on_timer_closed(uv_handle_t *h)
         done(done_arg);
 }
 
+/* Frees what is left once the tunnel and the sessions are gone. */
+static void release(struct agent *a)
+{
+    if (tether_log_sink.ud == a)
+        tether_log_sink = (struct log_sink){0};
+    ports_scanner_free(a->ports);
+    agentlog_free(a->log);
+    a->log = NULL;
+    uv_close((uv_handle_t *)&a->stats_timer, on_handle_closed);
+    uv_close((uv_handle_t *)&a->hangup_timer, on_handle_closed);
+}
+
+struct agent *agent_new(uv_loop_t *loop, const struct dial_config *cfg, struct sshd *sshd,
+                        const struct agent_options *opts, void (*on_shutdown)(void *arg), void *arg)
+{
+    static const struct agent_options no_options = {0};
+    if (!opts)
+        opts = &no_options;
+    struct agent *a = calloc(1, sizeof(*a));
+    if (!a)
+        return NULL;
+    a->sshd = sshd;
+    a->on_shutdown = on_shutdown;
+    a->shutdown_arg = arg;
+    a->loop = loop;
+    a->pf.loop = loop;
+    activity_init(&a->activity, loop);
+    a->pf.activity = &a->activity;
+    uv_timer_init(loop, &a->stats_timer);
+    uv_timer_init(loop, &a->hangup_timer);
+    a->stats_timer.data = a->hangup_timer.data = a;
+    a->handles = 2;
+    set_stats_interval(a, AGENT_STATS_MS);
+    a->log = agentlog_new(loop, send_report, a);
+    a->ports = ports_scanner_new(
+        loop, opts->ports_interval_ms ? opts->ports_interval_ms : PORTS_SCAN_MS_DEFAULT,
+        send_report, a);
+    a->dial = dial_new(loop, cfg, &agent_streams, &agent_dial_events, a);
+    if (!a->dial || !a->log || !a->ports) {
+        if (a->dial)
+            dial_stop(a->dial, NULL, NULL);
+        release(a); /* handles close before the memory goes */
+        return NULL;
+    }
+    if (sshd) {
+        struct rpty_config def;
+        rpty_config_default(&def);
+        rpty_registry_init(&a->ptys, loop, sshd_reaper(sshd), opts->pty ? opts->pty : &def);
+        sshd_set_activity(sshd, &a->activity);
+        static const struct lifecycle_config no_scripts = {
+            .startup_timeout_ms = LIFECYCLE_STARTUP_TIMEOUT_MS,
+            .shutdown_timeout_ms = LIFECYCLE_SHUTDOWN_TIMEOUT_MS,
+        };
+        a->lc = lifecycle_new(loop, opts->lifecycle ? opts->lifecycle : &no_scripts, sshd, a->log,
+                              a->ports, send_report, a);
+        a->md = metadata_new(loop, sshd_reaper(sshd), send_report, a);
+        if (a->lc)
+            sshd_set_gate(sshd, lifecycle_gate(a->lc));
+        /* Without them the workspace still serves sessions, only without scripts. */
+        if (!a->lc || !a->md)
+            log_error("out of memory for the lifecycle or metadata: running without them");
+    }
+    return a;
+}
+
+void agent_start(struct agent *a)
+{
+    tether_log_sink = (struct log_sink){.fn = log_to_relay, .ud = a};
+    log_info("tether agent %s dialing the relay", TETHER_VERSION);
+    dial_start(a->dial);
+}
+
 static void on_sshd_freed(void *arg)
 {
-    struct agent *a = arg;
-    ports_scanner_free(a->ports);
-    uv_close((uv_handle_t *)&a->stats_timer, on_timer_closed);
+    release(arg);
 }
 
 static void on_dial_stopped(void *arg)
 {
     struct agent *a = arg;
     if (a->sshd) {
+        lifecycle_free(a->lc); /* before sshd: its scripts use sshd's reaper */
+        a->lc = NULL;
+        sshd_set_gate(a->sshd, NULL);
         rpty_registry_close(&a->ptys); /* every stream is gone: no attachment is left */
         sshd_free(a->sshd, on_sshd_freed, a);
     } else {
-        on_sshd_freed(a);
+        release(a);
     }
+}
+
+/* The sessions are gone (or were killed): off, the last logs, and goodbye to the relay. */
+static void sessions_gone(struct agent *a)
+{
+    uv_timer_stop(&a->hangup_timer);
+    if (a->lc)
+        lifecycle_off(a->lc);
+    agentlog_flush(a->log);
+    dial_stop(a->dial, on_dial_stopped, a);
+}
+
+/* Every 100 ms after the hangup: on once no child is left; SIGKILL at the deadline, and
+ * a second more for the reaper to collect them. */
+static void on_hangup_tick(uv_timer_t *t)
+{
+    struct agent *a = t->data;
+    struct proc_reaper *r = sshd_reaper(a->sshd);
+    uint64_t now = uv_now(a->loop);
+    if (!proc_reaper_busy(r) || (a->hangup_killed && now >= a->hangup_deadline)) {
+        sessions_gone(a);
+        return;
+    }
+    if (!a->hangup_killed && now >= a->hangup_deadline) {
+        log_warn("session processes still running %u ms after SIGHUP: sending SIGKILL",
+                 SSHD_HANGUP_GRACE_MS);
+        proc_reaper_kill_all(r, SIGKILL);
+        a->hangup_killed = true;
+        a->hangup_deadline = now + 1000;
+    }
+}
+
+static void on_scripts_done(void *arg)
+{
+    struct agent *a = arg;
+    if (!a->sshd || !proc_reaper_busy(sshd_reaper(a->sshd))) {
+        sessions_gone(a);
+        return;
+    }
+    log_info("hanging up the sessions");
+    proc_reaper_kill_all(sshd_reaper(a->sshd), SIGHUP);
+    a->hangup_deadline = uv_now(a->loop) + SSHD_HANGUP_GRACE_MS;
+    uv_timer_start(&a->hangup_timer, on_hangup_tick, 100, 100);
 }
 
 void agent_stop(struct agent *a, void (*done)(void *arg), void *arg)
 {
     a->done = done;
     a->done_arg = arg;
-    dial_stop(a->dial, on_dial_stopped, a);
+    if (a->stopping)
+        return;
+    a->stopping = true;
+    metadata_free(a->md);
+    a->md = NULL;
+    if (a->lc)
+        lifecycle_shut_down(a->lc, on_scripts_done, a);
+    else
+        on_scripts_done(a);
 }

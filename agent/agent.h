@@ -8,6 +8,7 @@
 
 #include <uv.h>
 
+#include "lifecycle.h"
 #include "pty/rpty.h"
 #include "sshd.h"
 #include "tunnel/dial.h"
@@ -20,15 +21,27 @@ struct agent;
  * called when the relay asks the agent to shut down (control message "shutdown"): the
  * caller stops the agent and does not reconnect.
  */
+struct agent_options {
+    const struct rpty_config *pty;            /* reconnecting PTYs; NULL: defaults */
+    const struct lifecycle_config *lifecycle; /* startup/shutdown scripts; NULL: none */
+    uint64_t ports_interval_ms;               /* 0: PORTS_SCAN_MS_DEFAULT */
+};
+
 /*
- * sshd may be NULL (ssh and pty streams are then refused); the agent frees it when it stops.
- * pty_cfg: the reconnecting PTYs' settings (NULL: defaults).
+ * sshd may be NULL (ssh and pty streams are then refused, and there is no lifecycle: its
+ * scripts run as sessions do); the agent frees it when it stops. opts (NULL: defaults) and
+ * what it points to must outlive the agent. While the agent runs, its info, warn and error
+ * log lines also go to the relay (tunnel/log.h's sink).
  */
 struct agent *agent_new(uv_loop_t *loop, const struct dial_config *cfg, struct sshd *sshd,
-                        const struct rpty_config *pty_cfg, void (*on_shutdown)(void *arg),
+                        const struct agent_options *opts, void (*on_shutdown)(void *arg),
                         void *arg);
 void agent_start(struct agent *a);
-/* Says goodbye to the relay, closes every stream, frees the agent, then calls done. */
+/*
+ * The shutdown (PROTOCOL.md 12.7): shutting_down, the shutdown scripts, every session hung
+ * up (SIGHUP, SSHD_HANGUP_GRACE_MS, then SIGKILL), off, the logs flushed, GOAWAY to the
+ * relay; then frees the agent and calls done.
+ */
 void agent_stop(struct agent *a, void (*done)(void *arg), void *arg);
 
 #endif

@@ -32,6 +32,20 @@ static const char agent_usage[] =
     "  --pty-replay BYTES         output kept per PTY for reattaching clients (default\n"
     "                             262144; 1024..67108864)\n"
     "  --max-ptys N               reconnecting PTYs at once (default 32)\n"
+    "  --directory DIR            the workspace directory: sessions and scripts start there\n"
+    "                             (unless the manifest names one) and devcontainer.json is\n"
+    "                             read from DIR/.devcontainer/ (default: the home directory)\n"
+    "  --startup-script CMD       run CMD (with /bin/sh -c) when the workspace starts; the\n"
+    "                             lifecycle is ready when it and the manifest's start scripts\n"
+    "                             exit 0, start_error if one fails\n"
+    "  --startup-timeout DURATION kill a start script after this long: start_timeout\n"
+    "                             (default 5m)\n"
+    "  --startup-blocks-login     new SSH sessions and terminals wait for --startup-script\n"
+    "  --shutdown-script CMD      run CMD on SIGTERM or the relay's shutdown, before the\n"
+    "                             sessions are hung up\n"
+    "  --shutdown-timeout DURATION  kill it after this long (default 1m)\n"
+    "  --ports-interval DURATION  how often listening ports are read from /proc (default 2s;\n"
+    "                             100ms..1h)\n"
     "  --ssh-accept-env LIST      environment names SSH clients may set, comma-separated,\n"
     "                             '*' wildcards allowed (default LANG,LC_*,TERM,\n"
     "                             TETHER_SESSION_TYPE)\n"
@@ -57,20 +71,60 @@ static void shut_down(struct agent_run *run)
     if (run->stopping)
         return;
     run->stopping = true;
-    uv_close((uv_handle_t *)&run->rt.sigint, NULL);
-    uv_close((uv_handle_t *)&run->rt.sigterm, NULL);
+    /* The signal handles stay open until the end (cli_runtime_stop): closed, a second
+     * SIGTERM would kill the agent in the middle of its shutdown scripts. */
     agent_stop(run->agent, on_agent_stopped, run);
 }
 
 static void on_agent_signal(struct cli_runtime *rt, int signum)
 {
+    struct agent_run *run = rt->ud;
+    if (run->stopping) {
+        log_info("signal %d: already shutting down", signum);
+        return;
+    }
     log_info("signal %d: shutting down", signum);
-    shut_down(rt->ud);
+    shut_down(run);
 }
 
 static void on_relay_shutdown(void *arg)
 {
     shut_down(arg);
+}
+
+/* --startup-*, --shutdown-*, --ports-interval; returns 0, -1 (said why), or 1 (not ours). */
+static int lifecycle_option(int c, const char *arg, struct lifecycle_config *lc,
+                            uint64_t *ports_interval_ms)
+{
+    uint64_t ms;
+    switch (c) {
+    case 'a':
+        lc->startup_script = arg;
+        return 0;
+    case 'z':
+        lc->shutdown_script = arg;
+        return 0;
+    case 'B':
+        lc->startup_blocks_login = true;
+        return 0;
+    case 'A':
+    case 'Z':
+        if (cli_duration_ms(arg, &ms) < 0 || ms < 1000 || ms > 24 * 3600 * 1000ull) {
+            cli_error("bad --%s-timeout '%s' (e.g. 90s, 10m; from 1s to 24h)",
+                      c == 'A' ? "startup" : "shutdown", arg);
+            return -1;
+        }
+        *(c == 'A' ? &lc->startup_timeout_ms : &lc->shutdown_timeout_ms) = ms;
+        return 0;
+    case 'p':
+        if (cli_duration_ms(arg, &ms) < 0 || ms < 100 || ms > 3600 * 1000ull) {
+            cli_error("bad --ports-interval '%s' (e.g. 500ms, 2s; from 100ms to 1h)", arg);
+            return -1;
+        }
+        *ports_interval_ms = ms;
+        return 0;
+    }
+    return 1;
 }
 
 #define AGENT_MAX_ACCEPT_ENV 32
@@ -137,6 +191,13 @@ int cmd_agent(int argc, char **argv)
                                          {"pty-ttl", required_argument, NULL, 'P'},
                                          {"pty-replay", required_argument, NULL, 'R'},
                                          {"max-ptys", required_argument, NULL, 'M'},
+                                         {"directory", required_argument, NULL, 'd'},
+                                         {"startup-script", required_argument, NULL, 'a'},
+                                         {"startup-timeout", required_argument, NULL, 'A'},
+                                         {"startup-blocks-login", no_argument, NULL, 'B'},
+                                         {"shutdown-script", required_argument, NULL, 'z'},
+                                         {"shutdown-timeout", required_argument, NULL, 'Z'},
+                                         {"ports-interval", required_argument, NULL, 'p'},
                                          CLI_OPTS_CLIENT,
                                          CLI_OPTS_KEEPALIVE,
                                          CLI_OPTS_END};
@@ -144,6 +205,9 @@ int cmd_agent(int argc, char **argv)
     struct env_allow env_allow;
     struct rpty_config pty_cfg;
     rpty_config_default(&pty_cfg);
+    struct lifecycle_config lc_cfg;
+    lifecycle_config_default(&lc_cfg);
+    struct agent_options ao = {.pty = &pty_cfg, .lifecycle = &lc_cfg};
     char state_dir[4096], listen_host[256];
     struct cli_client cc;
     memset(&cc, 0, sizeof(cc));
@@ -160,6 +224,20 @@ int cmd_agent(int argc, char **argv)
     while ((c = cli_getopt(argc, argv, opts)) != -1) {
         if (c == 'S') {
             sc.state_dir = optarg;
+            continue;
+        }
+        if (c == 'd') {
+            if (optarg[0] != '/') {
+                cli_error("--directory needs an absolute path");
+                return EXIT_USAGE;
+            }
+            sc.workdir = optarg;
+            continue;
+        }
+        int lrc = lifecycle_option(c, optarg, &lc_cfg, &ao.ports_interval_ms);
+        if (lrc <= 0) {
+            if (lrc < 0)
+                return EXIT_USAGE;
             continue;
         }
         if (c == 'l') {
@@ -245,7 +323,7 @@ int cmd_agent(int argc, char **argv)
         cli_client_free(&cc);
         return EXIT_FAIL;
     }
-    run.agent = agent_new(&run.rt.loop, &dc, sshd, &pty_cfg, on_relay_shutdown, &run);
+    run.agent = agent_new(&run.rt.loop, &dc, sshd, &ao, on_relay_shutdown, &run);
     if (!run.agent) {
         sshd_free(sshd, NULL, NULL);
         cli_error("out of memory");

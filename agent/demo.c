@@ -23,13 +23,17 @@
 #define DEMO_TOKEN_BYTES 24
 
 static const char demo_usage[] =
-    "usage: tether demo [--listen ADDR:PORT] [--name WORKSPACE]\n"
+    "usage: tether demo [--listen ADDR:PORT] [--name WORKSPACE] [--startup-script CMD]\n"
+    "                   [--shutdown-script CMD]\n"
     "\n"
     "Runs a relay and an agent in this process on loopback, with new tokens, and this\n"
     "directory as the workspace. Prints the commands that reach it. Ctrl-C stops it.\n"
     "\n"
     "  --listen ADDR:PORT  where the relay listens (default " DEMO_DEFAULT_LISTEN ")\n"
     "  --name WORKSPACE    the workspace's name (default demo)\n"
+    "  --startup-script CMD   run CMD (with /bin/sh -c) as the workspace starts; its output\n"
+    "                      is in the workspace's logs (/api/v1/workspaces/NAME/logs)\n"
+    "  --shutdown-script CMD  run CMD when the demo stops, before sessions are hung up\n"
     "  --log-level LEVEL   error, warn, info (default) or debug\n"
     "  -h, --help          this text\n";
 
@@ -38,6 +42,8 @@ struct demo {
     struct relay *relay;
     struct agent *agent;
     struct sshd_config ssh;
+    struct lifecycle_config lifecycle;
+    bool stopping;
     char cwd[1024];
     uv_timer_t grace;
     char dir[256];
@@ -125,9 +131,10 @@ static void on_demo_signal(struct cli_runtime *rt, int signum)
 {
     struct demo *d = rt->ud;
     (void)signum;
+    if (d->stopping)
+        return; /* the handles stay open so that a second Ctrl-C cannot cut the shutdown */
+    d->stopping = true;
     log_info("stopping the demo");
-    uv_close((uv_handle_t *)&rt->sigint, NULL);
-    uv_close((uv_handle_t *)&rt->sigterm, NULL);
     agent_stop(d->agent, on_agent_stopped, d);
 }
 
@@ -222,7 +229,8 @@ static int demo_run(struct demo *d, const char *listen, const char *name)
     if (!sshd)
         log_warn("SSH is off: %s", err);
     if (url_parse(url, &dc.url, err, sizeof(err)) < 0 ||
-        !(d->agent = agent_new(&d->rt.loop, &dc, sshd, NULL, NULL, NULL))) {
+        !(d->agent = agent_new(&d->rt.loop, &dc, sshd,
+                               &(struct agent_options){.lifecycle = &d->lifecycle}, NULL, NULL))) {
         if (sshd)
             sshd_free(sshd, NULL, NULL);
         cli_error("cannot start the agent");
@@ -246,8 +254,12 @@ int cmd_demo(int argc, char **argv)
     static const struct option opts[] = {
         {"listen", required_argument, NULL, 'l'},
         {"name", required_argument, NULL, 'n'},
+        {"startup-script", required_argument, NULL, 'a'},
+        {"shutdown-script", required_argument, NULL, 'z'},
         CLI_OPTS_END,
     };
+    struct lifecycle_config lc;
+    lifecycle_config_default(&lc);
     const char *listen = DEMO_DEFAULT_LISTEN, *name = "demo";
     const struct cli_shared sh = {.command = "demo", .usage = demo_usage};
     int c;
@@ -258,6 +270,12 @@ int cmd_demo(int argc, char **argv)
             continue;
         case 'n':
             name = optarg;
+            continue;
+        case 'a':
+            lc.startup_script = optarg;
+            continue;
+        case 'z':
+            lc.shutdown_script = optarg;
             continue;
         }
         int rc = cli_shared_option(&sh, c, argv);
@@ -275,6 +293,7 @@ int cmd_demo(int argc, char **argv)
     struct demo *d = calloc(1, sizeof(*d));
     if (!d)
         return EXIT_FAIL;
+    d->lifecycle = lc;
     int rc = demo_run(d, listen, name);
     free(d);
     return rc;

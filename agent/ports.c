@@ -23,6 +23,7 @@ struct ports_scanner {
     size_t nlast;
     bool reported;    /* something was sent since the last reset */
     bool unavailable; /* /proc could not be read at the last scan */
+    json_t *forward;  /* "forward_ports" to add to each report, or NULL */
 };
 
 static int hex_addr(const char *hex, bool ipv6, char *out, size_t cap)
@@ -195,6 +196,8 @@ static void scan(struct ports_scanner *s)
         json_array_append_new(list, p);
     }
     json_t *msg = json_pack("{s:s, s:o, s:b}", "type", "ports", "ports", list, "available", ok);
+    if (msg && s->forward)
+        json_object_set(msg, "forward_ports", s->forward);
     if (msg)
         s->changed(s->ud, msg);
     json_decref(msg);
@@ -231,9 +234,17 @@ void ports_scanner_reset(struct ports_scanner *s)
     scan(s);
 }
 
+void ports_scanner_set_forward(struct ports_scanner *s, json_t *forward_ports)
+{
+    json_decref(s->forward);
+    s->forward = forward_ports;
+    s->reported = false; /* the next scan reports, with them */
+}
+
 static void on_closed(uv_handle_t *h)
 {
     struct ports_scanner *s = h->data;
+    json_decref(s->forward);
     free(s->last);
     free(s);
 }

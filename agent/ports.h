@@ -36,6 +36,9 @@ struct ports_scanner;
 /* changed(ud, msg): a "ports" control message (borrowed) to send. */
 struct ports_scanner *ports_scanner_new(uv_loop_t *loop, uint64_t interval_ms,
                                         void (*changed)(void *ud, json_t *msg), void *ud);
+/* Ports to report besides the listeners, as the "forward_ports" array (devcontainer.json's
+ * forwardPorts; the scanner takes the reference; NULL: none). Reported with the next scan. */
+void ports_scanner_set_forward(struct ports_scanner *s, json_t *forward_ports);
 /* Forgets what was reported, so the next scan reports again (after a reconnect). */
 void ports_scanner_reset(struct ports_scanner *s);
 void ports_scanner_free(struct ports_scanner *s);

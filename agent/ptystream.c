@@ -33,12 +33,38 @@ struct ptystream {
     struct activity *activity;
     bool exited; /* EXIT is queued: FIN follows the last byte */
     bool fin_sent;
+    struct ptystream_wait *wait; /* the start waits for the gate; NULL once started */
+};
+
+/* What a start that waits for the gate needs later: copies, since the caller's go away. */
+struct ptystream_wait {
+    struct gate_waiter waiter;
+    struct ptystream *p;
+    struct rpty_registry *reg;
+    struct proto_open open;
+    struct ptystream_env env; /* shell, envp and cwd point into the copies below */
+    char *shell, *cwd;
+    char **envp;
 };
 
 static const struct stream_ops ptystream_ops;
 
+static void wait_free(struct ptystream_wait *w)
+{
+    if (!w)
+        return;
+    gate_cancel(&w->waiter);
+    for (char **e = w->envp; e && *e; e++)
+        free(*e);
+    free(w->envp);
+    free(w->shell);
+    free(w->cwd);
+    free(w);
+}
+
 static void ps_free(struct ptystream *p)
 {
+    wait_free(p->wait);
     if (p->inf_ok)
         inflateEnd(&p->inf);
     if (p->def_ok)
@@ -146,6 +172,15 @@ static void on_output(void *ud, const uint8_t *data, size_t len)
     out_send(p);
 }
 
+/* The waiting notice, as terminal output (not kept in any replay: no PTY exists yet). */
+static int on_output_notice(struct ptystream *p, const char *notice)
+{
+    if (out_record(p, PROTO_PTYREC_DATA, (const uint8_t *)notice, strlen(notice)) < 0 ||
+        out_flush(p) < 0)
+        return -1;
+    return 0;
+}
+
 static void on_exited(void *ud, int how, int value)
 {
     struct ptystream *p = ud;
@@ -182,6 +217,8 @@ static int handle_records(struct ptystream *p)
             return -1;
         if (n == 0)
             return 0;
+        if (p->wait)
+            return 1; /* nothing runs yet: input waits, in order, under our credit */
         if (r.type == PROTO_PTYREC_DATA && p->att) {
             size_t n = rpty_input(p->att, r.body + p->taken, r.len - p->taken);
             activity_note(p->activity, ACTIVITY_PTY, n, 0, 1);
@@ -292,6 +329,96 @@ static const struct stream_ops ptystream_ops = {
     .closed = ps_closed,
 };
 
+/* Attaches p to its PTY (starting it); returns 0 or a negative errno from rpty_attach. */
+static int ps_attach(struct ptystream *p, struct rpty_registry *reg,
+                     const struct ptystream_env *env, const struct proto_open *o)
+{
+    char login[256];
+    snprintf(login, sizeof(login), "-%s", proc_basename(env->shell));
+    char *login_argv[] = {login, NULL};
+    char *cmd_argv[] = {(char *)proc_basename(env->shell), "-c", (char *)o->command, NULL};
+    struct proc_spec spec = {
+        .path = env->shell,
+        .argv = o->command[0] ? cmd_argv : login_argv,
+        .envp = env->envp,
+        .cwd = env->cwd,
+        .nice = env->nice,
+        .oom_score_adj = env->oom_score_adj,
+    };
+    /* The replay may arrive before the stream is accepted: it waits in out for OPEN_OK. */
+    int rc = rpty_attach(reg, o->pty_id, o->rows, o->cols, &spec, &ps_client_ops, p, &p->att);
+    if (rc == 0)
+        gate_session_started(env->gate);
+    return rc;
+}
+
+static void attach_failed(int rc, unsigned max_sessions, char *why, size_t len)
+{
+    if (rc == -EAGAIN)
+        snprintf(why, len, "too many PTYs (at most %u)", max_sessions);
+    else
+        snprintf(why, len, "cannot start the PTY: %s", strerror(-rc));
+}
+
+static void on_gate_open(struct gate_waiter *gw)
+{
+    struct ptystream_wait *w = (struct ptystream_wait *)gw;
+    struct ptystream *p = w->p;
+    p->wait = NULL;
+    int rc = ps_attach(p, w->reg, &w->env, &w->open);
+    unsigned max = w->reg->cfg.max_sessions;
+    wait_free(w);
+    if (rc < 0) {
+        char why[128];
+        attach_failed(rc, max, why, sizeof(why));
+        ps_reset(p, rc == -EAGAIN ? PROTO_CODE_STREAM_LIMIT : PROTO_CODE_INTERNAL, why);
+        return;
+    }
+    process_input(p); /* what was typed meanwhile */
+}
+
+static char **env_copy(char *const *envp)
+{
+    size_t n = 0;
+    while (envp && envp[n])
+        n++;
+    char **v = calloc(n + 1, sizeof(char *));
+    for (size_t i = 0; v && i < n; i++)
+        if (!(v[i] = strdup(envp[i]))) {
+            while (i > 0)
+                free(v[--i]);
+            free(v);
+            return NULL;
+        }
+    return v;
+}
+
+/* Keeps what the start needs until the gate opens; 0 or -1 (out of memory). */
+static int ps_defer(struct ptystream *p, struct rpty_registry *reg, const struct ptystream_env *env,
+                    const struct proto_open *o)
+{
+    struct ptystream_wait *w = calloc(1, sizeof(*w));
+    if (!w)
+        return -1;
+    w->p = p;
+    w->reg = reg;
+    w->open = *o;
+    w->env = *env;
+    w->shell = strdup(env->shell);
+    w->cwd = env->cwd ? strdup(env->cwd) : NULL;
+    w->envp = env_copy(env->envp);
+    if (!w->shell || (env->cwd && !w->cwd) || !w->envp) {
+        wait_free(w);
+        return -1;
+    }
+    w->env.shell = w->shell;
+    w->env.cwd = w->cwd;
+    w->env.envp = w->envp;
+    p->wait = w;
+    gate_wait(env->gate, &w->waiter, on_gate_open);
+    return on_output_notice(p, env->gate->notice);
+}
+
 void ptystream_open(struct rpty_registry *reg, const struct ptystream_env *env, struct mux *m,
                     uint32_t id, const struct proto_open *o)
 {
@@ -315,26 +442,14 @@ void ptystream_open(struct rpty_registry *reg, const struct ptystream_env *env, 
             return;
         }
     }
-    char login[256];
-    snprintf(login, sizeof(login), "-%s", proc_basename(env->shell));
-    char *login_argv[] = {login, NULL};
-    char *cmd_argv[] = {(char *)proc_basename(env->shell), "-c", (char *)o->command, NULL};
-    struct proc_spec spec = {
-        .path = env->shell,
-        .argv = o->command[0] ? cmd_argv : login_argv,
-        .envp = env->envp,
-        .cwd = env->cwd,
-        .nice = env->nice,
-        .oom_score_adj = env->oom_score_adj,
-    };
-    /* The replay arrives before the stream is accepted: it waits in out for OPEN_OK. */
-    int rc = rpty_attach(reg, o->pty_id, o->rows, o->cols, &spec, &ps_client_ops, p, &p->att);
+    int rc;
+    if (gate_closed(env->gate) && !rpty_exists(reg, o->pty_id))
+        rc = ps_defer(p, reg, env, o) < 0 ? -ENOMEM : 0;
+    else
+        rc = ps_attach(p, reg, env, o);
     if (rc < 0) {
         char why[128];
-        if (rc == -EAGAIN)
-            snprintf(why, sizeof(why), "too many PTYs (at most %u)", reg->cfg.max_sessions);
-        else
-            snprintf(why, sizeof(why), "cannot start the PTY: %s", strerror(-rc));
+        attach_failed(rc, reg->cfg.max_sessions, why, sizeof(why));
         ps_free(p);
         mux_stream_reject(m, id, rc == -EAGAIN ? PROTO_CODE_STREAM_LIMIT : PROTO_CODE_INTERNAL,
                           why);

@@ -11,6 +11,7 @@
 #include <stdint.h>
 
 #include "activity.h"
+#include "gate.h"
 #include "proto/proto.h"
 #include "pty/rpty.h"
 #include "tunnel/mux.h"
@@ -28,12 +29,17 @@ struct ptystream_env {
     int oom_score_adj;
     int nice;
     struct activity *activity; /* input counts as activity; may be NULL */
+    /* A new PTY waits while this is closed (a login-blocking startup script runs): the
+     * stream is accepted, shows the gate's notice, and the shell starts once it opens. Input
+     * meanwhile waits too. Reattaching to a PTY that exists never waits. NULL: no gate. */
+    struct gate *gate;
 };
 
 /*
  * Serves a pty OPEN on stream id: attaches (starting the PTY if its id is new) and accepts,
  * or rejects with a reason (too many PTYs: STREAM_LIMIT). The object becomes the stream's
- * user pointer (a struct agent_stream) and frees itself.
+ * user pointer (a struct agent_stream) and frees itself. env is copied where the start must
+ * wait for the gate.
  */
 void ptystream_open(struct rpty_registry *reg, const struct ptystream_env *env, struct mux *m,
                     uint32_t id, const struct proto_open *o);

@@ -177,6 +177,18 @@ static void env_put(struct envb *e, const char *pair)
     env_set(e, name, eq + 1);
 }
 
+static void env_unset(struct envb *e, const char *name)
+{
+    size_t nl = strlen(name);
+    for (unsigned i = 0; i < e->n; i++)
+        if (strncmp(e->v[i], name, nl) == 0 && e->v[i][nl] == '=') {
+            free(e->v[i]);
+            memmove(&e->v[i], &e->v[i + 1], (e->n - i) * sizeof(e->v[0])); /* and the NULL */
+            e->n--;
+            return;
+        }
+}
+
 static void env_free(struct envb *e)
 {
     for (unsigned i = 0; i < e->n; i++)
@@ -197,12 +209,19 @@ static void base_env(const struct sshd *d, struct envb *e)
     env_set(e, "PATH", path && path[0] ? path : DEFAULT_PATH);
 }
 
+/* The manifest's env, then the extra env (devcontainer.json's remoteEnv) over it. */
 static void manifest_env(const struct sshd *d, struct envb *e)
 {
     json_t *menv = json_object_get(d->manifest, "env");
     const char *k;
     json_t *v;
     json_object_foreach(menv, k, v) if (json_is_string(v)) env_set(e, k, json_string_value(v));
+    for (char *const *p = d->extra_env; p && *p; p++) {
+        if (strchr(*p, '='))
+            env_put(e, *p);
+        else
+            env_unset(e, *p);
+    }
 }
 
 static void build_env(struct ssh_chan *ch, const char *tty, struct envb *e)
@@ -304,6 +323,7 @@ static int start_process(struct ssh_chan *ch, const char *path, char *const *arg
     d->sessions[ch->type]++;
     ch->counted = true;
     activity_touch(d->activity); /* starting a shell or a command is someone at work */
+    gate_session_started(d->gate);
     /* The command may hold secrets: only at debug level. */
     log_debug("ssh: started pid %d%s: %s", (int)io.pid, ch->pty ? " on a pty" : "",
               command ? command : argv[0]);
@@ -652,6 +672,15 @@ static void open_step(struct ssh_chan *ch)
 
 void ssh_chan_service(struct ssh_chan *ch)
 {
+    if (ch->state == CHAN_WAITING) {
+        const char *notice = ch->conn->d->gate ? ch->conn->d->gate->notice : NULL;
+        if (ch->notice_pending && notice && ch->channel &&
+            ssh_channel_window_size(ch->channel) >= strlen(notice)) {
+            ssh_channel_write(ch->channel, notice, (uint32_t)strlen(notice));
+            ch->notice_pending = false;
+        }
+        return;
+    }
     if (ch->state == CHAN_OPENING && ch->channel)
         open_step(ch);
     if (ch->state == CHAN_CONNECTING || ch->state == CHAN_OPENING) {
@@ -713,8 +742,8 @@ static int on_data(ssh_session s, ssh_channel channel, void *data, uint32_t len,
     (void)channel;
     if (is_stderr || ch->state == CHAN_DONE)
         return (int)len; /* nothing reads it: discard */
-    if (ch->state == CHAN_SETUP || ch->state == CHAN_CONNECTING || ch->state == CHAN_OPENING ||
-        ch->in_len > 0) {
+    if (ch->state == CHAN_SETUP || ch->state == CHAN_WAITING || ch->state == CHAN_CONNECTING ||
+        ch->state == CHAN_OPENING || ch->in_len > 0) {
         ch->leftover = len; /* keep the order: what we hold goes first */
         return 0;
     }
@@ -835,15 +864,70 @@ static void on_agent_request(ssh_session s, ssh_channel channel, void *ud)
         log_warn("ssh: cannot create the agent forwarding socket: %s", strerror(errno));
 }
 
+/*
+ * A login-blocking startup script runs: the request is accepted now (clients give up on a
+ * refused one) and its process starts when the gate opens; an interactive session is told
+ * why nothing happens yet. Input meanwhile stays with libssh, in order.
+ */
+static void on_gate_open(struct gate_waiter *w);
+
+static int defer_start(struct ssh_chan *ch, int what, const char *command)
+{
+    if (command && !(ch->deferred_command = strdup(command)))
+        return -1;
+    ch->deferred = what;
+    ch->state = CHAN_WAITING;
+    ch->notice_pending = ch->pty;
+    gate_wait(ch->conn->d->gate, &ch->wait, on_gate_open);
+    log_info("ssh: a session waits for the startup script");
+    return 0;
+}
+
+static int start_shell(struct ssh_chan *ch);
+static int start_exec(struct ssh_chan *ch, const char *command);
+static int start_subsystem(struct ssh_chan *ch);
+
+static void on_gate_open(struct gate_waiter *w)
+{
+    struct ssh_chan *ch = (struct ssh_chan *)((char *)w - offsetof(struct ssh_chan, wait));
+    int rc;
+    ch->state = CHAN_SETUP;
+    ch->notice_pending = false;
+    if (ch->deferred == DEFER_SHELL)
+        rc = start_shell(ch);
+    else if (ch->deferred == DEFER_EXEC)
+        rc = start_exec(ch, ch->deferred_command);
+    else
+        rc = start_subsystem(ch);
+    free(ch->deferred_command);
+    ch->deferred_command = NULL;
+    if (rc < 0 && ch->channel) { /* the request was accepted: end it as a failed command */
+        static const char msg[] = "tether: cannot start the session\r\n";
+        ssh_channel_write_stderr(ch->channel, msg, sizeof(msg) - 1);
+        ssh_channel_request_send_exit_status(ch->channel, 127);
+        ssh_channel_send_eof(ch->channel);
+        ssh_channel_close(ch->channel);
+        ch->state = CHAN_DONE;
+    }
+    ssh_conn_after_io(ch->conn);
+}
+
 static int on_shell(ssh_session s, ssh_channel channel, void *ud)
 {
     struct ssh_chan *ch = ud;
-    const char *shell = ch->conn->d->user.shell;
-    char login_name[256];
     (void)s;
     (void)channel;
     if (ch->state != CHAN_SETUP)
         return -1;
+    if (gate_closed(ch->conn->d->gate))
+        return defer_start(ch, DEFER_SHELL, NULL);
+    return start_shell(ch);
+}
+
+static int start_shell(struct ssh_chan *ch)
+{
+    const char *shell = ch->conn->d->user.shell;
+    char login_name[256];
     /* A login shell: argv[0] starts with '-'. */
     snprintf(login_name, sizeof(login_name), "-%s", proc_basename(shell));
     char *argv[] = {login_name, NULL};
@@ -856,11 +940,18 @@ static int on_shell(ssh_session s, ssh_channel channel, void *ud)
 static int on_exec(ssh_session s, ssh_channel channel, const char *command, void *ud)
 {
     struct ssh_chan *ch = ud;
-    const char *shell = ch->conn->d->user.shell;
     (void)s;
     (void)channel;
     if (ch->state != CHAN_SETUP)
         return -1;
+    if (gate_closed(ch->conn->d->gate))
+        return defer_start(ch, DEFER_EXEC, command);
+    return start_exec(ch, command);
+}
+
+static int start_exec(struct ssh_chan *ch, const char *command)
+{
+    const char *shell = ch->conn->d->user.shell;
     char *argv[] = {(char *)proc_basename(shell), "-c", (char *)command, NULL};
     return start_process(ch, shell, argv, command);
 }
@@ -905,11 +996,18 @@ static int start_sftp(struct ssh_chan *ch)
 static int on_subsystem(ssh_session s, ssh_channel channel, const char *subsystem, void *ud)
 {
     struct ssh_chan *ch = ud;
-    const char *server = ch->conn->d->cfg->sftp_server;
     (void)s;
     (void)channel;
     if (ch->state != CHAN_SETUP || strcmp(subsystem, "sftp") != 0)
         return -1;
+    if (gate_closed(ch->conn->d->gate))
+        return defer_start(ch, DEFER_SUBSYSTEM, NULL);
+    return start_subsystem(ch);
+}
+
+static int start_subsystem(struct ssh_chan *ch)
+{
+    const char *server = ch->conn->d->cfg->sftp_server;
     if (server) {
         char *argv[] = {(char *)server, NULL};
         if (start_process(ch, server, argv, NULL) < 0)
@@ -1019,6 +1117,9 @@ void ssh_chan_free(struct ssh_chan *ch)
             break;
         }
     c->nchans--;
+    gate_cancel(&ch->wait);
+    free(ch->deferred_command);
+    ch->deferred_command = NULL;
     hang_up(ch);
     if (ch->pid > 0)
         proc_reaper_forget(&c->d->reaper, ch->pid);

@@ -501,3 +501,13 @@ void sshd_set_activity(struct sshd *d, struct activity *activity)
 {
     d->activity = activity;
 }
+
+void sshd_set_gate(struct sshd *d, struct gate *gate)
+{
+    d->gate = gate;
+}
+
+void sshd_set_extra_env(struct sshd *d, char *const *env)
+{
+    d->extra_env = env;
+}

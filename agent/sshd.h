@@ -95,6 +95,16 @@ struct proc_reaper *sshd_reaper(struct sshd *d);
 /* Where channel data is counted (the agent's; NULL: nowhere). */
 void sshd_set_activity(struct sshd *d, struct activity *activity);
 
+/* New shells, commands and subsystems wait while this gate is closed (the agent's
+ * lifecycle; NULL: never wait). */
+struct gate;
+void sshd_set_gate(struct sshd *d, struct gate *gate);
+
+/* Extra environment for every session from now on, applied after the manifest's:
+ * "NAME=value" sets, "NAME" alone unsets (devcontainer.json's remoteEnv). NULL-terminated;
+ * the server keeps the pointer, which must outlive it or be replaced first. */
+void sshd_set_extra_env(struct sshd *d, char *const *env);
+
 /* Open session channels by type. */
 unsigned sshd_session_count(const struct sshd *d, enum sshd_session_type type);
 

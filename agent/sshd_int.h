@@ -18,6 +18,7 @@
 #include <libssh/server.h>
 #include <uv.h>
 
+#include "gate.h"
 #include "pty/proc.h"
 #include "sftp.h"
 #include "sshd.h"
@@ -43,6 +44,8 @@ struct sshd {
     int child_oom_adj;
     json_t *manifest; /* the relay's last manifest, or NULL */
     struct activity *activity;
+    struct gate *gate;      /* sessions wait while it is closed; NULL: never */
+    char *const *extra_env; /* after the manifest's: "NAME=value" or "NAME" (unset) */
     uv_poll_t *listen_poll;
     int listen_fd; /* the local listener, -1 without one */
     int listen_port;
@@ -76,6 +79,7 @@ enum chan_state {
     CHAN_SETUP,      /* requests (pty, env) may arrive; nothing runs yet */
     CHAN_CONNECTING, /* a socket channel whose connect is still in progress */
     CHAN_OPENING,    /* a socket channel we asked the client for, not confirmed yet */
+    CHAN_WAITING,    /* shell, exec or subsystem accepted; it waits for the gate to open */
     CHAN_RUNNING,    /* a process runs, or its output is still draining */
     CHAN_DONE,       /* exit status sent and the channel closed, or the client closed it */
 };
@@ -99,6 +103,11 @@ struct ssh_chan {
     char *env[SSHD_MAX_ENV]; /* "NAME=value", allowed names only */
     unsigned nenv;
     bool motd_pending;
+    /* CHAN_WAITING: what to start once the gate opens. */
+    struct gate_waiter wait;
+    enum { DEFER_SHELL, DEFER_EXEC, DEFER_SUBSYSTEM } deferred;
+    char *deferred_command; /* DEFER_EXEC */
+    bool notice_pending;    /* interactive: say why nothing happens yet */
     /* The process: out is the PTY master (both directions) or the stdout pipe. */
     pid_t pid;
     bool exited;

@@ -366,3 +366,8 @@ void rpty_registry_close(struct rpty_registry *r)
     while (r->sessions)
         session_end(r->sessions);
 }
+
+bool rpty_exists(struct rpty_registry *r, const uint8_t id[RPTY_ID_SIZE])
+{
+    return find(r, id) != NULL;
+}

@@ -73,6 +73,8 @@ void rpty_registry_close(struct rpty_registry *r);
 int rpty_attach(struct rpty_registry *r, const uint8_t id[RPTY_ID_SIZE], unsigned rows,
                 unsigned cols, const struct proc_spec *spec, const struct rpty_client_ops *ops,
                 void *ud, struct rpty_attachment **out);
+/* True if session id exists (attaching to it starts nothing). */
+bool rpty_exists(struct rpty_registry *r, const uint8_t id[RPTY_ID_SIZE]);
 /* Terminal input: returns the bytes taken (fewer when the queue is full: input_ready
  * follows once there is room). */
 size_t rpty_input(struct rpty_attachment *a, const uint8_t *data, size_t len);
