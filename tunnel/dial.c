@@ -11,6 +11,9 @@
 /* After the relay's GOAWAY, how long open streams may go on, and how often to check. */
 #define DIAL_DRAIN_MS 10000u
 #define DIAL_DRAIN_POLL_MS 250u
+/* dial_stop: how long the last output (GOAWAY, the last logs) may take to go out before the
+ * connection is dropped anyway, so a relay that stopped reading cannot hold a shutdown. */
+#define DIAL_STOP_FLUSH_MS 5000u
 
 enum dial_state { DIAL_IDLE, DIAL_CONNECTING, DIAL_CONNECTED, DIAL_WAITING, DIAL_STOPPING };
 
@@ -257,6 +260,7 @@ static void ws_writable(void *ud, struct wsc *c)
 }
 
 static void release_if_done(struct dial *d);
+static void close_retry_timer(struct dial *d);
 
 static void ws_closed(void *ud, struct wsc *c, int status, const char *reason)
 {
@@ -280,6 +284,7 @@ static void ws_closed(void *ud, struct wsc *c, int status, const char *reason)
         snprintf(why, sizeof(why), "%s", reason);
     if (d->state == DIAL_STOPPING) {
         log_info("disconnected from the relay");
+        close_retry_timer(d); /* it bounded the flush, which is over */
         release_if_done(d);
         return;
     }
@@ -387,11 +392,30 @@ static void release_if_done(struct dial *d)
         done(arg);
 }
 
+/* The output did not go out in DIAL_STOP_FLUSH_MS: drop the connection without waiting. */
+static void close_retry_timer(struct dial *d)
+{
+    if (!uv_is_closing((uv_handle_t *)&d->retry_timer))
+        uv_close((uv_handle_t *)&d->retry_timer, on_handle_closed);
+}
+
+static void on_stop_flush_timeout(uv_timer_t *t)
+{
+    struct dial *d = t->data;
+    if (d->conn) {
+        log_warn("the relay did not take the last output in %u ms: closing anyway",
+                 DIAL_STOP_FLUSH_MS);
+        wsc_abort(d->conn, "shutdown flush timed out"); /* ws_closed follows */
+    }
+    close_retry_timer(d);
+}
+
 void dial_stop(struct dial *d, void (*done)(void *arg), void *arg)
 {
     d->state = DIAL_STOPPING;
     d->done = done;
     d->done_arg = arg;
+    uv_timer_stop(&d->retry_timer);
     if (d->conn) {
         if (d->mux && !mux_is_closing(d->mux)) {
             mux_goaway(d->mux, PROTO_CODE_SHUTDOWN, "agent shutting down");
@@ -400,7 +424,10 @@ void dial_stop(struct dial *d, void (*done)(void *arg), void *arg)
         } else {
             wsc_close(d->conn, LWS_CLOSE_STATUS_GOINGAWAY, "agent shutting down");
         }
+        /* The retry timer, idle from now on, bounds the flush (closed with the connection). */
+        uv_timer_start(&d->retry_timer, on_stop_flush_timeout, DIAL_STOP_FLUSH_MS, 0);
+    } else {
+        close_retry_timer(d);
     }
-    uv_close((uv_handle_t *)&d->retry_timer, on_handle_closed);
     uv_close((uv_handle_t *)&d->keepalive_timer, on_handle_closed);
 }
