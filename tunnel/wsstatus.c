@@ -7,11 +7,18 @@
 #include "proto/logbatch.h"
 #include "proto/proto.h"
 
+/*
+ * What one agent connection may make the relay log (lifecycle changes, lost and dropped
+ * batches): plenty for an honest agent, and a hostile one cannot flood the relay's log.
+ */
+#define WSSTATUS_LOG_BUDGET 64u
+
 void wsstatus_init(struct wsstatus *s, size_t log_lines)
 {
     memset(s, 0, sizeof(*s));
     s->lifecycle = -1;
     s->lifecycle_changed_at = -1;
+    s->log_budget = WSSTATUS_LOG_BUDGET;
     /* Every line is cut to LOGRING_MAX_TEXT, so this is the bound the line count implies:
      * the byte limit only makes it hold whatever the lines are. */
     logring_init(&s->logs, log_lines, log_lines * LOGRING_LINE_MAX_COST);
@@ -29,6 +36,7 @@ void wsstatus_free(struct wsstatus *s)
 
 void wsstatus_agent_hello(struct wsstatus *s)
 {
+    s->log_budget = WSSTATUS_LOG_BUDGET;
     s->lifecycle = -1;
     s->lifecycle_changed_at = -1;
     json_decref(s->metadata);
@@ -38,6 +46,18 @@ void wsstatus_agent_hello(struct wsstatus *s)
     s->forward_ports = NULL;
     /* last_seq stays: an agent numbers its batches across reconnects, so batches lost with
      * the old connection show as missing; a restarted agent starts again at 1 (not above). */
+}
+
+/* True if one more relay log line about this workspace's agent may be written. */
+static bool may_log(struct wsstatus *s, const char *name)
+{
+    if (s->log_budget == 0)
+        return false;
+    if (--s->log_budget == 0)
+        log_warn("workspace %s: more lifecycle and log-batch events from this agent connection "
+                 "are not logged",
+                 name);
+    return s->log_budget > 0;
 }
 
 /* ---- logs ---- */
@@ -89,9 +109,10 @@ static void logs_message(struct wsstatus *s, const char *name, const json_t *msg
         uint64_t missing = seq - s->last_seq - 1;
         snprintf(text, sizeof(text), "[relay: %llu log batches missing]",
                  (unsigned long long)missing);
-        log_warn("workspace %s: %llu log batch%s missing (batch %llu after %llu)", name,
-                 (unsigned long long)missing, missing == 1 ? " is" : "es are",
-                 (unsigned long long)seq, (unsigned long long)s->last_seq);
+        if (may_log(s, name))
+            log_warn("workspace %s: %llu log batch%s missing (batch %llu after %llu)", name,
+                     (unsigned long long)missing, missing == 1 ? " is" : "es are",
+                     (unsigned long long)seq, (unsigned long long)s->last_seq);
         log_marker(s, now_unix_ms, text);
     }
     if (seq)
@@ -100,7 +121,9 @@ static void logs_message(struct wsstatus *s, const char *name, const json_t *msg
     struct batch_sink k = {.s = s};
     if (logbatch_decode(msg, log_record, &k, err, sizeof(err)) < 0) {
         plain_text(why, sizeof(why), err);
-        log_warn("workspace %s: log batch %llu dropped: %s", name, (unsigned long long)seq, why);
+        if (may_log(s, name))
+            log_warn("workspace %s: log batch %llu dropped: %s", name, (unsigned long long)seq,
+                     why);
         snprintf(text, sizeof(text), "[relay: a log batch was dropped: %s]", why);
         log_marker(s, now_unix_ms, text);
         return;
@@ -157,9 +180,10 @@ static void lifecycle_message(struct wsstatus *s, const char *name, const json_t
     json_t *at = json_object_get(msg, "changed_at");
     if (state < 0)
         return; /* proto's schema allows only the known names */
+    if (state != s->lifecycle && may_log(s, name))
+        log_info("workspace %s: %s", name, proto_lifecycle_name(state));
     s->lifecycle = state;
     s->lifecycle_changed_at = json_is_integer(at) ? json_integer_value(at) : -1;
-    log_info("workspace %s: %s", name, proto_lifecycle_name(state));
 }
 
 bool wsstatus_control(struct wsstatus *s, const char *name, const json_t *msg, uint64_t now_mono,

@@ -29,6 +29,7 @@ struct wsstatus {
     int64_t lifecycle_changed_at; /* unix ms, from the agent */
     json_t *metadata;             /* key -> {value, error, collected_at}; NULL when empty */
     bool metadata_full_warned;    /* warned once that keys past the limit are ignored */
+    unsigned log_budget;          /* relay log lines this connection may still cause */
     uint64_t last_seq;            /* of the last logs batch; 0 = none yet */
     struct logring logs;
 };
@@ -39,8 +40,8 @@ void wsstatus_free(struct wsstatus *s);
 
 /*
  * A new agent connection said hello: lifecycle, metadata and forward_ports belong to the
- * agent that reported them and are forgotten (the batch sequence goes on: see last_seq). Stats and ports stay
- * until the new agent replaces them; the logs stay (their numbering goes on).
+ * agent that reported them and are forgotten (the batch sequence goes on: see last_seq). Stats and
+ * ports stay until the new agent replaces them; the logs stay (their numbering goes on).
  */
 void wsstatus_agent_hello(struct wsstatus *s);
 
