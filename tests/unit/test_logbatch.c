@@ -346,8 +346,8 @@ static void test_sanitise_cut(void **state)
     (void)state;
     char *in = malloc(8192);
     char *want = malloc(8192);
-    assert_non_null(in);
-    assert_non_null(want);
+    if (!in || !want) /* not only assert_non_null: GCC must see they are not NULL */
+        abort();
 
     /* 5000 ASCII bytes: the first 4096 */
     memset(in, 'a', 5000);
