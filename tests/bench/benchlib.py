@@ -207,7 +207,7 @@ def start_sshd(procs, tmp, ciphers="aes128-gcm@openssh.com", wrap=()):
 # -- tether
 
 
-def start_relay(procs, tmp, tether, name="relay"):
+def start_relay(procs, tmp, tether, name="relay", extra=()):
     """Writes tokens.json, agent.token and user.token in tmp, starts `tether relay` on a free
     port and returns (its Popen, its ws:// URL)."""
     tokens = {"agents": {AGENT_TOKEN: WORKSPACE}, "users": {USER_TOKEN: ["*"]}}
@@ -215,7 +215,7 @@ def start_relay(procs, tmp, tether, name="relay"):
     write_private(tmp / "agent.token", AGENT_TOKEN + "\n")
     write_private(tmp / "user.token", USER_TOKEN + "\n")
     relay = procs.start(name, [tether, "relay", "--listen", "127.0.0.1:0",
-                               "--tokens", tmp / "tokens.json"])
+                               "--tokens", tmp / "tokens.json"] + list(extra))
     port = None
     for _ in range(300):
         m = re.search(r"relay listening on ws://127\.0\.0\.1:(\d+)", relay.logpath.read_text())
@@ -245,3 +245,25 @@ def start_agent(procs, tmp, tether, url, extra=(), name="agent", wrap=()):
             return agent
         time.sleep(0.05)
     raise RuntimeError("agent did not connect")
+
+
+# -- measuring
+
+
+def make_text(path, mib):
+    line_words = ["GET", "/api/v1/items", "200", "user=alice", "latency_ms", "cache=miss"]
+    with open(path, "w") as f:
+        n, i = 0, 0
+        while n < mib * 1024 * 1024:
+            line = "%08d %s %s %d\n" % (i, line_words[i % 6], "x" * (i % 40), i * 7919 % 100000)
+            f.write(line)
+            n += len(line)
+            i += 1
+
+
+def agent_bytes_sent(relay_port, agent_pid):
+    """TCP bytes the agent has sent to the relay (its tunnel socket, from `ss -ti`)."""
+    out = subprocess.run(["ss", "-Htinp", "dport = :%d" % relay_port], capture_output=True,
+                         text=True, timeout=10).stdout
+    m = re.search(r"pid=%d,.*?\n.*?bytes_sent:(\d+)" % agent_pid, out)
+    return int(m.group(1)) if m else 0
