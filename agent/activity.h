@@ -11,9 +11,10 @@
 
 #include <stddef.h>
 #include <stdint.h>
-#include <sys/time.h>
 
 #include <uv.h>
+
+#include "clock.h"
 
 enum activity_kind { ACTIVITY_SSH, ACTIVITY_SFTP, ACTIVITY_PTY, ACTIVITY_FORWARD, ACTIVITY_KINDS };
 
@@ -42,10 +43,8 @@ static inline void activity_touch(struct activity *a)
 {
     if (!a)
         return;
-    struct timeval tv;
-    gettimeofday(&tv, NULL);
     a->last_mono_ms = uv_now(a->loop);
-    a->last_unix_ms = (int64_t)tv.tv_sec * 1000 + tv.tv_usec / 1000;
+    a->last_unix_ms = clock_unix_ms();
 }
 
 /* rx bytes came in, tx went out; active: this counts as someone working. */

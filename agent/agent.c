@@ -37,6 +37,7 @@ struct agent {
     bool hangup_killed;
     unsigned handles; /* uv handles still open: freed when the last one closed */
     bool stopping;
+    bool log_to_relay; /* install the log sink in agent_start */
     struct portfwd_shared pf;
     void (*done)(void *);
     void *done_arg;
@@ -46,7 +47,7 @@ struct agent {
 
 static void open_pty(struct agent *a, struct mux *m, uint32_t id, const struct proto_open *o)
 {
-    char **envp = sshd_pty_env(a->sshd, "xterm-256color");
+    char **envp = sshd_session_env(a->sshd, "xterm-256color", "pty");
     if (!envp) {
         mux_stream_reject(m, id, PROTO_CODE_INTERNAL, "out of memory");
         return;
@@ -61,7 +62,7 @@ static void open_pty(struct agent *a, struct mux *m, uint32_t id, const struct p
         .gate = a->lc ? lifecycle_gate(a->lc) : NULL,
     };
     ptystream_open(&a->ptys, &env, m, id, o);
-    sshd_pty_env_free(envp);
+    sshd_session_env_free(envp);
 }
 
 static void on_stream_opened(void *ud, uint32_t id, const struct proto_open *o)
@@ -141,10 +142,10 @@ static void on_control(void *ud, json_t *msg)
         if (a->lc && !a->stopping)
             lifecycle_manifest(a->lc, msg);
         if (a->md && !a->stopping) {
-            char **envp = sshd_pty_env(a->sshd, "dumb");
+            char **envp = sshd_session_env(a->sshd, "dumb", "script");
             metadata_set_items(a->md, json_object_get(msg, "metadata"), envp,
                                sshd_session_dir(a->sshd));
-            sshd_pty_env_free(envp);
+            sshd_session_env_free(envp);
         }
     } else if (strcmp(type, "shutdown") == 0) {
         const char *why = json_string_value(json_object_get(msg, "reason"));
@@ -195,6 +196,22 @@ static void send_report(void *ud, json_t *msg)
     struct agent *a = ud;
     if (a->connected)
         dial_send_control(a->dial, msg);
+}
+
+/*
+ * Log batches wait in agentlog while this many control bytes are already queued for the
+ * relay: the rest of the mux's control queue (MUX_MAX_CONTROL_QUEUE) stays free for the
+ * small reports, which are never refused for room.
+ */
+#define AGENT_LOGS_QUEUE_MAX (1u << 20)
+
+static int send_logs(void *ud, json_t *msg)
+{
+    struct agent *a = ud;
+    struct mux *m = a->connected ? dial_mux(a->dial) : NULL;
+    if (!m || mux_control_queued(m) > AGENT_LOGS_QUEUE_MAX)
+        return -1;
+    return dial_send_control(a->dial, msg) < 0 ? -1 : 0;
 }
 
 /* The sink of tunnel/log while the agent runs: its own lines go to the relay too. */
@@ -308,6 +325,7 @@ struct agent *agent_new(uv_loop_t *loop, const struct dial_config *cfg, struct s
     if (!a)
         return NULL;
     a->sshd = sshd;
+    a->log_to_relay = !opts->keep_log_local;
     a->on_shutdown = on_shutdown;
     a->shutdown_arg = arg;
     a->loop = loop;
@@ -319,7 +337,7 @@ struct agent *agent_new(uv_loop_t *loop, const struct dial_config *cfg, struct s
     a->stats_timer.data = a->hangup_timer.data = a;
     a->handles = 2;
     set_stats_interval(a, AGENT_STATS_MS);
-    a->log = agentlog_new(loop, send_report, a);
+    a->log = agentlog_new(loop, send_logs, a);
     a->ports = ports_scanner_new(
         loop, opts->ports_interval_ms ? opts->ports_interval_ms : PORTS_SCAN_MS_DEFAULT,
         send_report, a);
@@ -353,7 +371,8 @@ struct agent *agent_new(uv_loop_t *loop, const struct dial_config *cfg, struct s
 
 void agent_start(struct agent *a)
 {
-    tether_log_sink = (struct log_sink){.fn = log_to_relay, .ud = a};
+    if (a->log_to_relay)
+        tether_log_sink = (struct log_sink){.fn = log_to_relay, .ud = a};
     log_info("tether agent %s dialing the relay", TETHER_VERSION);
     dial_start(a->dial);
 }
@@ -387,6 +406,13 @@ static void sessions_gone(struct agent *a)
     dial_stop(a->dial, on_dial_stopped, a);
 }
 
+/* Session processes, and what they or the scripts left running that the agent adopted
+ * (proc_reaper_adopt_orphans), are still there. */
+static bool children_left(struct agent *a)
+{
+    return proc_reaper_busy(sshd_reaper(a->sshd)) || proc_signal_children(0) > 0;
+}
+
 /* Every 100 ms after the hangup: on once no child is left; SIGKILL at the deadline, and
  * a second more for the reaper to collect them. */
 static void on_hangup_tick(uv_timer_t *t)
@@ -394,7 +420,7 @@ static void on_hangup_tick(uv_timer_t *t)
     struct agent *a = t->data;
     struct proc_reaper *r = sshd_reaper(a->sshd);
     uint64_t now = uv_now(a->loop);
-    if (!proc_reaper_busy(r) || (a->hangup_killed && now >= a->hangup_deadline)) {
+    if (!children_left(a) || (a->hangup_killed && now >= a->hangup_deadline)) {
         sessions_gone(a);
         return;
     }
@@ -402,6 +428,7 @@ static void on_hangup_tick(uv_timer_t *t)
         log_warn("session processes still running %u ms after SIGHUP: sending SIGKILL",
                  SSHD_HANGUP_GRACE_MS);
         proc_reaper_kill_all(r, SIGKILL);
+        proc_signal_children(SIGKILL);
         a->hangup_killed = true;
         a->hangup_deadline = now + 1000;
     }
@@ -410,12 +437,13 @@ static void on_hangup_tick(uv_timer_t *t)
 static void on_scripts_done(void *arg)
 {
     struct agent *a = arg;
-    if (!a->sshd || !proc_reaper_busy(sshd_reaper(a->sshd))) {
+    if (!a->sshd || !children_left(a)) {
         sessions_gone(a);
         return;
     }
     log_info("hanging up the sessions");
     proc_reaper_kill_all(sshd_reaper(a->sshd), SIGHUP);
+    proc_signal_children(SIGHUP); /* what scripts and sessions left behind, if adopted */
     a->hangup_deadline = uv_now(a->loop) + SSHD_HANGUP_GRACE_MS;
     uv_timer_start(&a->hangup_timer, on_hangup_tick, 100, 100);
 }

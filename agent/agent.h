@@ -25,13 +25,16 @@ struct agent_options {
     const struct rpty_config *pty;            /* reconnecting PTYs; NULL: defaults */
     const struct lifecycle_config *lifecycle; /* startup/shutdown scripts; NULL: none */
     uint64_t ports_interval_ms;               /* 0: PORTS_SCAN_MS_DEFAULT */
+    /* The agent's own log lines stay on stderr, not in the workspace's logs (the demo,
+     * whose relay logs to the same stderr from the same process). */
+    bool keep_log_local;
 };
 
 /*
  * sshd may be NULL (ssh and pty streams are then refused, and there is no lifecycle: its
  * scripts run as sessions do); the agent frees it when it stops. opts (NULL: defaults) and
  * what it points to must outlive the agent. While the agent runs, its info, warn and error
- * log lines also go to the relay (tunnel/log.h's sink).
+ * log lines also go to the relay (tunnel/log.h's sink) unless opts->keep_log_local.
  */
 struct agent *agent_new(uv_loop_t *loop, const struct dial_config *cfg, struct sshd *sshd,
                         const struct agent_options *opts, void (*on_shutdown)(void *arg),

@@ -3,8 +3,8 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/time.h>
 
+#include "clock.h"
 #include "proto/logbatch.h"
 #include "proto/proto.h"
 
@@ -17,7 +17,7 @@ struct pending {
 
 struct agentlog {
     uv_timer_t timer; /* first member: the handle's memory is the object's */
-    void (*send)(void *ud, json_t *msg);
+    int (*send)(void *ud, json_t *msg);
     void *ud;
     bool connected;
     bool closing;
@@ -28,19 +28,12 @@ struct agentlog {
     unsigned long long dropped;
 };
 
-static int64_t now_ms(void)
-{
-    struct timeval tv;
-    gettimeofday(&tv, NULL);
-    return (int64_t)tv.tv_sec * 1000 + tv.tv_usec / 1000;
-}
-
 static void on_timer(uv_timer_t *t)
 {
     agentlog_flush((struct agentlog *)t);
 }
 
-struct agentlog *agentlog_new(uv_loop_t *loop, void (*send)(void *ud, json_t *msg), void *ud)
+struct agentlog *agentlog_new(uv_loop_t *loop, int (*send)(void *ud, json_t *msg), void *ud)
 {
     struct agentlog *l = calloc(1, sizeof(*l));
     if (!l)
@@ -53,33 +46,43 @@ struct agentlog *agentlog_new(uv_loop_t *loop, void (*send)(void *ud, json_t *ms
     return l;
 }
 
+static void add(struct agentlog *l, int64_t t, const char *source, const char *text, size_t len);
+static void note_dropped(struct agentlog *l);
+
+/* Offers the waiting batches in order; one the tunnel does not take waits for the timer. */
 static void send_pending(struct agentlog *l)
 {
     while (l->connected && l->head) {
         struct pending *p = l->head;
+        if (l->send(l->ud, p->msg) < 0) {
+            if (!uv_is_active((uv_handle_t *)&l->timer))
+                uv_timer_start(&l->timer, on_timer, AGENTLOG_FLUSH_MS, 0);
+            return;
+        }
         l->head = p->next;
         if (!l->head)
             l->tail = &l->head;
         l->backlog -= p->raw;
-        l->send(l->ud, p->msg);
         json_decref(p->msg);
         free(p);
     }
+    note_dropped(l);
 }
 
 void agentlog_flush(struct agentlog *l)
 {
     uv_timer_stop(&l->timer);
-    if (l->batch.lines == 0)
+    if (l->batch.lines == 0) {
+        send_pending(l);
         return;
+    }
     json_t *msg = logbatch_message(&l->batch, ++l->seq);
     size_t raw = l->batch.len;
-    unsigned lines = l->batch.lines;
     logbatch_init(&l->batch);
     struct pending *p = msg ? malloc(sizeof(*p)) : NULL;
     if (!p) { /* out of memory: the relay sees the seq gap and says so */
         json_decref(msg);
-        l->dropped += lines;
+        send_pending(l);
         return;
     }
     *p = (struct pending){.msg = msg, .raw = raw};
@@ -103,25 +106,30 @@ static void add(struct agentlog *l, int64_t t, const char *source, const char *t
         uv_timer_start(&l->timer, on_timer, AGENTLOG_FLUSH_MS, 0);
 }
 
+/* Lines were dropped and there is room again: one marker says how many, where they were. */
+static void note_dropped(struct agentlog *l)
+{
+    if (!l->dropped || l->closing || l->backlog + l->batch.len >= AGENTLOG_BACKLOG_MAX)
+        return;
+    char marker[160];
+    int n = snprintf(marker, sizeof(marker),
+                     "[tether: %llu log lines dropped here: the relay was unreachable or slow "
+                     "and %u bytes were waiting]",
+                     l->dropped, AGENTLOG_BACKLOG_MAX);
+    l->dropped = 0;
+    add(l, clock_unix_ms(), "agent", marker, (size_t)n);
+}
+
 void agentlog_line(struct agentlog *l, const char *source, const char *text, size_t len)
 {
     if (l->closing)
         return;
-    if (l->backlog + l->batch.len >= AGENTLOG_BACKLOG_MAX) {
-        l->dropped++;
+    note_dropped(l);
+    if (l->dropped || l->backlog + l->batch.len >= AGENTLOG_BACKLOG_MAX) {
+        l->dropped++; /* still no room (or the marker could not go in yet): keep counting */
         return;
     }
-    int64_t t = now_ms();
-    if (l->dropped) {
-        char marker[160];
-        int n = snprintf(marker, sizeof(marker),
-                         "[tether: %llu log lines dropped here: the relay was unreachable and "
-                         "%u bytes were waiting]",
-                         l->dropped, AGENTLOG_BACKLOG_MAX);
-        l->dropped = 0;
-        add(l, t, "agent", marker, (size_t)n);
-    }
-    add(l, t, source, text, len);
+    add(l, clock_unix_ms(), source, text, len);
 }
 
 void agentlog_connected(struct agentlog *l, bool up)

@@ -323,6 +323,13 @@ int cmd_agent(int argc, char **argv)
         cli_client_free(&cc);
         return EXIT_FAIL;
     }
+    /* Background processes of sessions and scripts come back to the agent when their
+     * parents end, so the shutdown can hang them up too (the agent never uses uv_spawn). */
+    int arc = proc_reaper_adopt_orphans(sshd_reaper(sshd));
+    if (arc < 0)
+        log_warn("cannot adopt orphaned processes (%s): what scripts leave running in the "
+                 "background outlives the agent",
+                 strerror(-arc));
     run.agent = agent_new(&run.rt.loop, &dc, sshd, &ao, on_relay_shutdown, &run);
     if (!run.agent) {
         sshd_free(sshd, NULL, NULL);

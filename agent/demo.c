@@ -229,8 +229,10 @@ static int demo_run(struct demo *d, const char *listen, const char *name)
     if (!sshd)
         log_warn("SSH is off: %s", err);
     if (url_parse(url, &dc.url, err, sizeof(err)) < 0 ||
-        !(d->agent = agent_new(&d->rt.loop, &dc, sshd,
-                               &(struct agent_options){.lifecycle = &d->lifecycle}, NULL, NULL))) {
+        !(d->agent =
+              agent_new(&d->rt.loop, &dc, sshd,
+                        &(struct agent_options){.lifecycle = &d->lifecycle, .keep_log_local = true},
+                        NULL, NULL))) {
         if (sshd)
             sshd_free(sshd, NULL, NULL);
         cli_error("cannot start the agent");

@@ -3,17 +3,18 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/time.h>
 
+#include "clock.h"
 #include "devcontainer.h"
 #include "script.h"
 #include "tunnel/log.h"
 
 extern char **environ;
 
-/* Defaults for the manifest's scripts without a "timeout" (seconds). */
-#define LC_MANIFEST_START_TIMEOUT_S 300
-#define LC_MANIFEST_STOP_TIMEOUT_S 60
+/* Scripts of one agent run: --startup-script, the manifest's start scripts, and
+ * devcontainer.json's postStartCommand and postAttachCommand; shutdown frees them all
+ * before the stop scripts (the flag's and the manifest's) start. */
+#define LC_MAX_SCRIPTS (1 + PROTO_MAX_SCRIPTS + 2 * DEVCONTAINER_MAX_COMMANDS)
 
 enum lc_kind { LC_RUN_START, LC_RUN_ATTACH, LC_RUN_STOP };
 
@@ -40,8 +41,7 @@ struct lifecycle {
     struct gate gate;
     json_t *manifest; /* the last one: its stop scripts run at shutdown */
     struct devcontainer *dc;
-    char **extra_env; /* NULL-terminated view of dc->env, for sshd */
-    struct lc_script *scripts[LIFECYCLE_MAX_SCRIPTS];
+    struct lc_script *scripts[LC_MAX_SCRIPTS];
     size_t nscripts;
     unsigned running[3]; /* by lc_kind */
     unsigned blocking;   /* start scripts that hold logins, still running */
@@ -60,13 +60,6 @@ void lifecycle_config_default(struct lifecycle_config *cfg)
     };
 }
 
-static int64_t now_ms(void)
-{
-    struct timeval tv;
-    gettimeofday(&tv, NULL);
-    return (int64_t)tv.tv_sec * 1000 + tv.tv_usec / 1000;
-}
-
 static json_t *state_message(const struct lifecycle *lc)
 {
     return json_pack("{s:s, s:s, s:I}", "type", "lifecycle", "state",
@@ -79,7 +72,7 @@ static void set_state(struct lifecycle *lc, enum proto_lifecycle s)
     if (proto_lifecycle_rank(s) <= proto_lifecycle_rank(lc->state))
         return;
     lc->state = s;
-    lc->changed_at = now_ms();
+    lc->changed_at = clock_unix_ms();
     log_info("lifecycle: %s", proto_lifecycle_name(s));
     json_t *msg = state_message(lc);
     if (msg)
@@ -141,16 +134,16 @@ static void run(struct lifecycle *lc, const char *source, char *const *argv, uin
 {
     static const struct script_callbacks cbs = {.on_line = on_script_line,
                                                 .on_exit = on_script_exit};
-    if (lc->nscripts >= LIFECYCLE_MAX_SCRIPTS) {
-        log_warn("%s: not run: more than %u scripts", source, LIFECYCLE_MAX_SCRIPTS);
+    if (lc->nscripts >= LC_MAX_SCRIPTS) {
+        log_warn("%s: not run: more than %u scripts", source, LC_MAX_SCRIPTS);
         lc->failed[kind] = true;
         return;
     }
     struct lc_script *x = calloc(1, sizeof(*x));
-    char **envp = sshd_pty_env(lc->sshd, "dumb");
+    char **envp = sshd_session_env(lc->sshd, "dumb", "script");
     if (!x || !envp) {
         free(x);
-        sshd_pty_env_free(envp);
+        sshd_session_env_free(envp);
         log_error("%s: not run: out of memory", source);
         lc->failed[kind] = true;
         return;
@@ -167,7 +160,7 @@ static void run(struct lifecycle *lc, const char *source, char *const *argv, uin
         .timeout_ms = timeout_ms,
     };
     x->s = script_start(lc->loop, sshd_reaper(lc->sshd), &spec, &cbs, x);
-    sshd_pty_env_free(envp);
+    sshd_session_env_free(envp);
     if (!x->s) {
         free(x);
         log_error("%s: not run: out of memory", source);
@@ -204,7 +197,7 @@ static void run_manifest_scripts(struct lifecycle *lc, const char *run_on, enum 
         json_t *t = json_object_get(s, "timeout");
         json_int_t secs =
             t ? json_integer_value(t)
-              : (kind == LC_RUN_STOP ? LC_MANIFEST_STOP_TIMEOUT_S : LC_MANIFEST_START_TIMEOUT_S);
+              : (kind == LC_RUN_STOP ? PROTO_DEFAULT_STOP_TIMEOUT : PROTO_DEFAULT_START_TIMEOUT);
         bool blocks = kind == LC_RUN_START && json_is_true(json_object_get(s, "blocks_login"));
         run_shell(lc, source, json_string_value(json_object_get(s, "script")),
                   (uint64_t)secs * 1000, kind, blocks);
@@ -256,11 +249,7 @@ static void load_devcontainer(struct lifecycle *lc)
     if (!lc->dc)
         return;
     log_info("devcontainer.json found in %s", dir);
-    lc->extra_env = calloc(lc->dc->n_env + 1, sizeof(char *));
-    if (lc->extra_env) {
-        memcpy(lc->extra_env, lc->dc->env, lc->dc->n_env * sizeof(char *));
-        sshd_set_extra_env(lc->sshd, lc->extra_env);
-    }
+    sshd_set_extra_env(lc->sshd, lc->dc->env); /* NULL-terminated, freed with dc */
     if (lc->dc->n_ports && lc->ports) {
         json_t *list = json_array();
         for (size_t i = 0; list && i < lc->dc->n_ports; i++) {
@@ -365,7 +354,7 @@ struct lifecycle *lifecycle_new(uv_loop_t *loop, const struct lifecycle_config *
     lc->ports = ports;
     lc->report = report;
     lc->ud = ud;
-    lc->changed_at = now_ms();
+    lc->changed_at = clock_unix_ms();
     gate_init(&lc->gate);
     lc->gate.first_session = on_first_session;
     lc->gate.ud = lc;
@@ -405,7 +394,6 @@ void lifecycle_free(struct lifecycle *lc)
     }
     gate_abandon(&lc->gate);
     sshd_set_extra_env(lc->sshd, NULL);
-    free(lc->extra_env);
     devcontainer_free(lc->dc);
     json_decref(lc->manifest);
     uv_close((uv_handle_t *)&lc->later, on_closed);

@@ -33,7 +33,6 @@
 
 #define LIFECYCLE_STARTUP_TIMEOUT_MS (5u * 60 * 1000)
 #define LIFECYCLE_SHUTDOWN_TIMEOUT_MS (60u * 1000)
-#define LIFECYCLE_MAX_SCRIPTS 80u /* 1 + manifest's 32 + devcontainer's 32, with room */
 
 struct lifecycle_config {
     const char *startup_script; /* shell text, or NULL */

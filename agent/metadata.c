@@ -7,7 +7,9 @@
 #include <string.h>
 #include <time.h>
 
+#include "agent/clock.h"
 #include "agent/script.h"
+#include "proto/logbatch.h"
 #include "tunnel/log.h"
 
 #define METADATA_INTERVAL_MAX 86400u /* seconds; the manifest's range is 1..86400 */
@@ -52,47 +54,7 @@ struct metadata {
     bool freed;
 };
 
-static int64_t unix_ms(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_REALTIME, &ts);
-    return (int64_t)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
-
 /* ---- text ---- */
-
-/* The length of the valid UTF-8 character at p, or 0 (NUL counts as invalid here). */
-static size_t utf8_char(const unsigned char *p, size_t n)
-{
-    unsigned char c = p[0];
-    if (c < 0x80)
-        return c ? 1 : 0;
-    size_t need;
-    unsigned char lo = 0x80, hi = 0xBF; /* the range of the second byte */
-    if (c >= 0xC2 && c <= 0xDF) {
-        need = 2;
-    } else if (c >= 0xE0 && c <= 0xEF) {
-        need = 3;
-        if (c == 0xE0)
-            lo = 0xA0; /* overlong */
-        if (c == 0xED)
-            hi = 0x9F; /* surrogates */
-    } else if (c >= 0xF0 && c <= 0xF4) {
-        need = 4;
-        if (c == 0xF0)
-            lo = 0x90; /* overlong */
-        if (c == 0xF4)
-            hi = 0x8F; /* past U+10FFFF */
-    } else {
-        return 0;
-    }
-    if (n < need || p[1] < lo || p[1] > hi)
-        return 0;
-    for (size_t i = 2; i < need; i++)
-        if ((p[i] & 0xC0) != 0x80)
-            return 0;
-    return need;
-}
 
 /*
  * Copies in to out as valid UTF-8: each invalid byte (and NUL) becomes U+FFFD. Stops before
@@ -105,7 +67,7 @@ static size_t utf8_clean(const char *in, size_t n, char *out, size_t max)
     const unsigned char *p = (const unsigned char *)in;
     size_t len = 0;
     for (size_t i = 0; i < n;) {
-        size_t cl = utf8_char(p + i, n - i);
+        size_t cl = p[i] ? proto_utf8_char(p + i, n - i) : 0; /* NUL: replaced too */
         const char *src = cl ? in + i : fffd;
         size_t sl = cl ? cl : sizeof(fffd);
         if (len + sl > max)
@@ -253,7 +215,7 @@ static void run_item(uv_timer_t *t)
     static const struct script_callbacks cb = {on_script_line, on_script_exit};
     it->got_err_line = false;
     it->err_line_len = 0;
-    it->run_started = unix_ms();
+    it->run_started = clock_unix_ms();
     it->run = script_start(m->loop, m->reaper, &spec, &cb, it);
     if (!it->run) { /* out of memory: try again at the next interval */
         log_warn("metadata %s: cannot start its script: out of memory", it->key);
@@ -276,9 +238,7 @@ static void release(struct metadata *m)
 {
     if (!m->freed || m->closing > 0 || m->items)
         return;
-    for (char **e = m->envp; e && *e; e++)
-        free(*e);
-    free(m->envp);
+    proc_env_free(m->envp);
     free(m->cwd);
     free(m);
 }
@@ -356,39 +316,17 @@ static bool has_key(const struct metadata_item *list, const char *key)
     return false;
 }
 
-static char **copy_env(char *const *envp)
-{
-    size_t n = 0;
-    while (envp && envp[n])
-        n++;
-    char **copy = calloc(n + 1, sizeof(*copy));
-    for (size_t i = 0; copy && i < n; i++) {
-        copy[i] = strdup(envp[i]);
-        if (!copy[i]) {
-            for (size_t j = 0; j < i; j++)
-                free(copy[j]);
-            free(copy);
-            copy = NULL;
-        }
-    }
-    return copy;
-}
-
 static void set_env(struct metadata *m, char *const *envp, const char *cwd)
 {
-    char **env = copy_env(envp);
+    char **env = proc_env_copy(envp);
     char *dir = cwd ? strdup(cwd) : NULL;
     if (!env || (cwd && !dir)) {
         log_warn("metadata: out of memory: the scripts keep their previous environment");
         free(dir);
-        for (char **e = env; e && *e; e++)
-            free(*e);
-        free(env);
+        proc_env_free(env);
         return;
     }
-    for (char **e = m->envp; e && *e; e++)
-        free(*e);
-    free(m->envp);
+    proc_env_free(m->envp);
     free(m->cwd);
     m->envp = env;
     m->cwd = dir;

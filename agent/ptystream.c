@@ -54,9 +54,7 @@ static void wait_free(struct ptystream_wait *w)
     if (!w)
         return;
     gate_cancel(&w->waiter);
-    for (char **e = w->envp; e && *e; e++)
-        free(*e);
-    free(w->envp);
+    proc_env_free(w->envp);
     free(w->shell);
     free(w->cwd);
     free(w);
@@ -365,7 +363,12 @@ static void on_gate_open(struct gate_waiter *gw)
     struct ptystream_wait *w = (struct ptystream_wait *)gw;
     struct ptystream *p = w->p;
     p->wait = NULL;
+    /* As at the open: the replay waits in out (a slow client cannot be dropped, and p freed,
+     * from inside the attach). */
+    struct mux *m = p->mux;
+    p->mux = NULL;
     int rc = ps_attach(p, w->reg, &w->env, &w->open);
+    p->mux = m;
     unsigned max = w->reg->cfg.max_sessions;
     wait_free(w);
     if (rc < 0) {
@@ -374,23 +377,12 @@ static void on_gate_open(struct gate_waiter *gw)
         ps_reset(p, rc == -EAGAIN ? PROTO_CODE_STREAM_LIMIT : PROTO_CODE_INTERNAL, why);
         return;
     }
+    if (p->out.len > p->backlog_max) {
+        ps_reset(p, PROTO_CODE_FLOW, "client too slow");
+        return;
+    }
+    out_send(p);
     process_input(p); /* what was typed meanwhile */
-}
-
-static char **env_copy(char *const *envp)
-{
-    size_t n = 0;
-    while (envp && envp[n])
-        n++;
-    char **v = calloc(n + 1, sizeof(char *));
-    for (size_t i = 0; v && i < n; i++)
-        if (!(v[i] = strdup(envp[i]))) {
-            while (i > 0)
-                free(v[--i]);
-            free(v);
-            return NULL;
-        }
-    return v;
 }
 
 /* Keeps what the start needs until the gate opens; 0 or -1 (out of memory). */
@@ -406,7 +398,7 @@ static int ps_defer(struct ptystream *p, struct rpty_registry *reg, const struct
     w->env = *env;
     w->shell = strdup(env->shell);
     w->cwd = env->cwd ? strdup(env->cwd) : NULL;
-    w->envp = env_copy(env->envp);
+    w->envp = proc_env_copy(env->envp);
     if (!w->shell || (env->cwd && !w->cwd) || !w->envp) {
         wait_free(w);
         return -1;

@@ -316,12 +316,23 @@ static void on_collected(void *ud, pid_t pid, int wait_status)
     uv_timer_start(&s->drain, on_drain, pipes_closed ? 0 : SCRIPT_DRAIN_MS, 0);
 }
 
+/*
+ * SIGKILL to the child's process group; to the child alone too when the group does not
+ * exist yet (a child that has not reached setsid). Only for a child not collected yet:
+ * until then its pid cannot be anyone else's.
+ */
+static void kill_child(pid_t pid)
+{
+    if (kill(-pid, SIGKILL) < 0 && errno == ESRCH)
+        kill(pid, SIGKILL);
+}
+
 static void on_timeout(uv_timer_t *t)
 {
     struct script *s = t->data;
     if (s->pid > 0 && !s->collected) {
         s->timed_out = true;
-        kill(-s->pid, SIGKILL);
+        kill_child(s->pid);
     }
 }
 
@@ -415,7 +426,7 @@ static int spawn(struct script *s, const struct script_spec *spec)
     rc = proc_reaper_watch(s->reaper, io.pid, on_collected, s);
     if (rc < 0) {
         /* Unwatched, nobody would collect it: end it here (SIGKILL is not refused). */
-        kill(-io.pid, SIGKILL);
+        kill_child(io.pid);
         waitpid(io.pid, NULL, 0);
         pipe_close(&s->out);
         pipe_close(&s->err);
@@ -463,7 +474,7 @@ struct script *script_start(uv_loop_t *loop, struct proc_reaper *reaper,
 void script_kill(struct script *s)
 {
     if (s->pid > 0 && !s->collected)
-        kill(-s->pid, SIGKILL);
+        kill_child(s->pid);
 }
 
 void script_free(struct script *s)
@@ -473,7 +484,7 @@ void script_free(struct script *s)
     s->freed = true;
     if (s->pid > 0 && !s->collected) {
         /* Only while the pid is ours: once collected it may belong to someone else. */
-        kill(-s->pid, SIGKILL);
+        kill_child(s->pid);
         proc_reaper_forget(s->reaper, s->pid);
     }
     pipe_close(&s->out);

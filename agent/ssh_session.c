@@ -1139,14 +1139,14 @@ void ssh_chan_free(struct ssh_chan *ch)
         chan_release(ch);
 }
 
-char **sshd_pty_env(const struct sshd *d, const char *term)
+char **sshd_session_env(const struct sshd *d, const char *term, const char *type)
 {
     struct envb *e = malloc(sizeof(*e));
     if (!e)
         return NULL;
     base_env(d, e);
     env_set(e, "TERM", term);
-    env_set(e, "TETHER_SESSION_TYPE", "pty");
+    env_set(e, "TETHER_SESSION_TYPE", type);
     manifest_env(d, e);
     char **v = calloc(e->n + 1, sizeof(char *));
     if (v)
@@ -1157,11 +1157,9 @@ char **sshd_pty_env(const struct sshd *d, const char *term)
     return v;
 }
 
-void sshd_pty_env_free(char **env)
+void sshd_session_env_free(char **env)
 {
-    for (char **p = env; p && *p; p++)
-        free(*p);
-    free(env);
+    proc_env_free(env);
 }
 
 const char *sshd_shell(const struct sshd *d)

@@ -81,11 +81,11 @@ void sshd_set_manifest(struct sshd *d, json_t *manifest);
 /* The local listener's port (useful with port 0); 0 without one. */
 int sshd_listen_port(const struct sshd *d);
 
-/* For reconnecting PTYs, which start their processes as SSH sessions do: the session
- * environment with TERM (free with sshd_pty_env_free), the login shell, the directory, the
- * children's oom_score_adj. */
-char **sshd_pty_env(const struct sshd *d, const char *term);
-void sshd_pty_env_free(char **env);
+/* For reconnecting PTYs and workspace scripts, which start their processes as SSH sessions
+ * do: the session environment with TERM and TETHER_SESSION_TYPE (free with
+ * sshd_session_env_free), the login shell, the directory, the children's oom_score_adj. */
+char **sshd_session_env(const struct sshd *d, const char *term, const char *type);
+void sshd_session_env_free(char **env);
 const char *sshd_shell(const struct sshd *d);
 const char *sshd_session_dir(const struct sshd *d);
 int sshd_child_oom_adj(const struct sshd *d);

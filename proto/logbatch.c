@@ -55,12 +55,7 @@ int logbatch_source_ok(const char *source, size_t len)
     return 1;
 }
 
-/*
- * The length of the well-formed UTF-8 character at p (1..4), or 0 if the bytes there are not
- * one: a stray continuation byte, a truncated sequence, an overlong form, a surrogate or a
- * code point above U+10FFFF (RFC 3629). NUL and LF are well-formed; callers reject them.
- */
-static size_t utf8_char(const uint8_t *p, size_t n)
+size_t proto_utf8_char(const uint8_t *p, size_t n)
 {
     uint8_t c = p[0];
     if (c < 0x80)
@@ -103,7 +98,7 @@ static size_t sanitize(const uint8_t *s, size_t n, uint8_t *out)
         n--;
     size_t o = 0;
     for (size_t i = 0; i < n;) {
-        size_t cl = utf8_char(s + i, n - i);
+        size_t cl = proto_utf8_char(s + i, n - i);
         const uint8_t *src = s + i;
         size_t ol = cl;
         if (cl == 0 || (cl == 1 && (s[i] == '\n' || s[i] == '\0'))) {
@@ -390,7 +385,7 @@ static long parse_record(const uint8_t *p, size_t n, struct log_record *r, char 
     }
     size_t tl = (size_t)(lf - (p + t0));
     for (size_t k = 0; k < tl;) {
-        size_t cl = utf8_char(p + t0 + k, tl - k);
+        size_t cl = proto_utf8_char(p + t0 + k, tl - k);
         if (cl == 0 || p[t0 + k] == '\0') {
             set_err(err, errlen, cl ? "text holds a NUL byte" : "text is not valid UTF-8");
             return PROTO_E_PAYLOAD;

@@ -31,6 +31,14 @@ struct logbatch {
 
 void logbatch_init(struct logbatch *b);
 
+/*
+ * The length of the well-formed UTF-8 character at p (1..4; n > 0 bytes there), or 0 if the
+ * bytes there are not one: a stray continuation byte, a truncated sequence, an overlong
+ * form, a surrogate or a code point above U+10FFFF (RFC 3629). NUL and LF are well-formed;
+ * callers that refuse them check for them.
+ */
+size_t proto_utf8_char(const uint8_t *p, size_t n);
+
 /* True if source is 1..PROTO_MAX_LOG_SOURCE bytes of A-Za-z0-9._:/- */
 int logbatch_source_ok(const char *source, size_t len);
 

@@ -7,7 +7,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <dirent.h>
 #include <sys/ioctl.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -328,6 +330,49 @@ void proc_reaper_kill_all(struct proc_reaper *r, int sig)
         kill(-c->pid, sig);
 }
 
+int proc_reaper_adopt_orphans(struct proc_reaper *r)
+{
+    if (prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) < 0)
+        return -errno;
+    r->reap_orphans = true;
+    return 0;
+}
+
+int proc_signal_children(int sig)
+{
+    DIR *proc = opendir("/proc");
+    if (!proc)
+        return -1;
+    pid_t self = getpid();
+    int n = 0;
+    struct dirent *d;
+    while ((d = readdir(proc))) {
+        char path[300], buf[512];
+        if (d->d_name[0] < '1' || d->d_name[0] > '9')
+            continue;
+        snprintf(path, sizeof(path), "/proc/%s/stat", d->d_name);
+        int fd = open(path, O_RDONLY | O_CLOEXEC);
+        if (fd < 0)
+            continue;
+        ssize_t len = read(fd, buf, sizeof(buf) - 1);
+        close(fd);
+        if (len <= 0)
+            continue;
+        buf[len] = '\0';
+        /* "pid (comm) state ppid pgrp ...": comm may hold anything, so from its last ')'. */
+        char *rp = strrchr(buf, ')'), state;
+        int pid = atoi(buf), ppid, pgrp;
+        if (!rp || sscanf(rp + 1, " %c %d %d", &state, &ppid, &pgrp) != 3 || ppid != self ||
+            state == 'Z')
+            continue;
+        n++;
+        if (sig)
+            kill(pgrp == pid ? -pid : pid, sig);
+    }
+    closedir(proc);
+    return n;
+}
+
 bool proc_reaper_busy(const struct proc_reaper *r)
 {
     return r->children != NULL;
@@ -359,4 +404,25 @@ void proc_reaper_close(struct proc_reaper *r, void (*done)(struct proc_reaper *r
     r->children = NULL;
     r->done = done;
     uv_close((uv_handle_t *)&r->sigchld, on_reaper_closed);
+}
+
+char **proc_env_copy(char *const *envp)
+{
+    size_t n = 0;
+    while (envp && envp[n])
+        n++;
+    char **copy = calloc(n + 1, sizeof(*copy));
+    for (size_t i = 0; copy && i < n; i++)
+        if (!(copy[i] = strdup(envp[i]))) {
+            proc_env_free(copy);
+            return NULL;
+        }
+    return copy;
+}
+
+void proc_env_free(char **env)
+{
+    for (char **e = env; e && *e; e++)
+        free(*e);
+    free(env);
 }

@@ -65,6 +65,11 @@ static inline const char *proc_basename(const char *path)
     return slash ? slash + 1 : path;
 }
 
+/* A deep copy of a NULL-terminated environment (NULL: an empty one), or NULL when out of
+ * memory; free it with proc_env_free (which takes NULL too). */
+char **proc_env_copy(char *const *envp);
+void proc_env_free(char **env);
+
 /* Closes the parent's ends that are still open and sets them to -1. */
 void proc_io_close(struct proc_io *io);
 
@@ -99,6 +104,21 @@ int proc_reaper_watch(struct proc_reaper *r, pid_t pid, proc_exit_cb cb, void *u
 void proc_reaper_forget(struct proc_reaper *r, pid_t pid);
 /* Sends sig to the process group of every child not collected yet. */
 void proc_reaper_kill_all(struct proc_reaper *r, int sig);
+/*
+ * Makes this process the subreaper of its descendants (PR_SET_CHILD_SUBREAPER): what a
+ * session or a script leaves running in the background (a dev server started with '&')
+ * becomes its child instead of init's, is collected by r (reap_orphans), and can be hung
+ * up with proc_signal_children when the agent stops. Only for a process that never uses
+ * uv_spawn (see above). Returns 0 or a negative errno.
+ */
+int proc_reaper_adopt_orphans(struct proc_reaper *r);
+/*
+ * Sends sig (0: none, just count) to every live child of this process, adopted orphans
+ * included: to its process group if it leads one, else to it alone. Only children: a pid
+ * read from /proc is one of ours until we collect it, so no stranger is hit. Returns the
+ * number of live (not zombie) children, or -1 if /proc cannot be read.
+ */
+int proc_signal_children(int sig);
 /* True while some watched child has not been collected. */
 bool proc_reaper_busy(const struct proc_reaper *r);
 /* Stops watching SIGCHLD; children not collected yet are left to init (SIGHUP'd first by

@@ -1131,6 +1131,11 @@ void mux_fail_all(struct mux *m, uint32_t code, const char *text)
     }
 }
 
+size_t mux_control_queued(const struct mux *m)
+{
+    return m->ctl_bytes;
+}
+
 size_t mux_stream_count(const struct mux *m)
 {
     return m->n_local + m->n_remote;

@@ -173,6 +173,8 @@ size_t mux_stream_queued(const struct mux *m, uint32_t id);
  * PROTO_E_LENGTH for a message the peer would reject.
  */
 int mux_send_control(struct mux *m, const json_t *msg);
+/* Bytes of session frames (CONTROL, PONG, GOAWAY, ...) queued and not yet handed out. */
+size_t mux_control_queued(const struct mux *m);
 /* Queues GOAWAY: no new streams either way. Existing streams may finish. GOAWAY is sent at
  * most once per connection: a later call, or a connection error after it, adds none. */
 int mux_goaway(struct mux *m, uint32_t code, const char *text);

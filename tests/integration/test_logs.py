@@ -343,3 +343,34 @@ def test_backlog_over_4_mib_while_disconnected_drops_with_a_marker(harness, tmp_
     missing = count - len(got)
     assert any(missing <= x <= missing + 100 for x in nums), \
         "the marker %r does not count the %d dropped script lines" % (m[0]["text"], missing)
+
+
+def test_a_relay_too_slow_for_the_logs_costs_lines_with_a_marker_not_silently(harness,
+                                                                               tmp_path):
+    """The relay stops reading (SIGSTOP) while the tunnel stays up and scripts write 24 MB:
+    the agent holds batches up to its backlog, drops the rest with a marker of its own, and
+    no batch is lost on the way (the relay sees no gap in their numbers)."""
+    import os
+    import signal
+    ws = Workspace(harness, tmp_path, relay_extra=["--log-lines", "1000000"])
+    go, done = tmp_path / "GO", tmp_path / "DONE"
+    ws.start_agent(["--startup-script",
+                    "while [ ! -e %s ]; do sleep 0.05; done; for i in 1 2 3; do "
+                    "head -c 6000000 /dev/urandom | base64 -w 76; done; touch %s" % (go, done)])
+    wait_until(lambda: ws.relay.connected(ws.name), timeout=20, what="the agent to connect")
+    os.kill(ws.relay.proc.pid, signal.SIGSTOP)
+    try:
+        go.touch()
+        wait_until(done.exists, timeout=60, what="the script's output")
+        time.sleep(3)
+    finally:
+        os.kill(ws.relay.proc.pid, signal.SIGCONT)
+    ws.wait_lifecycle("ready", timeout=60)
+
+    def marker(lines):
+        return [ln["text"] for ln in lines if ln["source"] == "agent" and "dropped" in ln["text"]]
+    wait_until(lambda: marker(ws.all_logs()), timeout=60, what="the agent's dropped-lines marker")
+    lines = ws.all_logs()
+    assert not [ln for ln in lines if ln["source"] == "relay"], \
+        [ln["text"] for ln in lines if ln["source"] == "relay"][:5]
+    assert len(marker(lines)) == 1, marker(lines)

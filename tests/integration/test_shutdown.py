@@ -270,3 +270,48 @@ def test_sigterm_with_the_relay_unreachable_exits_0_in_bounded_time(harness, tmp
     rc, took = stop_agent(ws, bound=3 + 5 + SLACK)
     assert rc == 0, "exit status %r\n%s" % (rc, ws.agent_stderr()[-3000:])
     assert marker.read_text() == "ran\n"
+
+
+def test_what_scripts_leave_running_is_hung_up_at_shutdown(harness, tmp_path):
+    """A startup script that starts a server in the background and exits: the server is
+    orphaned, the agent adopts it (a subreaper), and the shutdown hangs it up with the
+    sessions; one that ignores SIGHUP gets SIGKILL after the grace period."""
+    ws = Workspace(harness, tmp_path)
+    polite, stubborn = tmp_path / "polite.pid", tmp_path / "stubborn.pid"
+    ws.start_agent(["--startup-script",
+                    "sleep 1000 > /dev/null 2>&1 & echo $! > %s; "
+                    "(trap '' HUP; exec sleep 1001) > /dev/null 2>&1 & echo $! > %s" % (
+                        polite, stubborn)])
+    ws.wait_lifecycle("ready")
+    pids = [read_pid(polite), read_pid(stubborn)]
+    assert all(pids) and not any(pid_gone(p) for p in pids)
+    rc, took = stop_agent(ws)
+    assert rc == 0, "exit status %r\n%s" % (rc, ws.agent_stderr()[-3000:])
+    assert took < 3 + 5 + SLACK
+    wait_until(lambda: all(pid_gone(p) for p in pids), timeout=10,
+               what="the script's background processes to end with the agent")
+    assert "sending SIGKILL" in ws.agent_stderr()
+
+
+def test_a_relay_that_stops_reading_cannot_hold_the_shutdown(harness, tmp_path):
+    """The relay is stopped (SIGSTOP) while megabytes of logs wait for it: the agent's last
+    flush gives up after its 5 s bound and the agent exits 0."""
+    ws = Workspace(harness, tmp_path)
+    go, done = tmp_path / "GO", tmp_path / "DONE"
+    ws.start_agent(["--startup-script",
+                    "while [ ! -e %s ]; do sleep 0.05; done; "
+                    "head -c 6000000 /dev/urandom | base64; touch %s" % (go, done)])
+    wait_until(lambda: ws.relay.connected(ws.name), timeout=20, what="the agent to connect")
+    os.kill(ws.relay.proc.pid, signal.SIGSTOP)
+    try:
+        go.touch()
+        wait_until(done.exists, timeout=30, what="the script's output")
+        time.sleep(1.5)  # batches made and queued toward the stopped relay
+        rc, took = stop_agent(ws, bound=3 + 5 + SLACK)
+        assert rc == 0, "exit status %r\n%s" % (rc, ws.agent_stderr()[-3000:])
+        # Whether the last output stuck in the agent (then its flush gave up: "did not take
+        # the last output") or in the kernel's socket buffers (then the close handshake
+        # timed out) depends on timing; either way the shutdown was bounded.
+        assert "lifecycle: off" in ws.agent_stderr()
+    finally:
+        os.kill(ws.relay.proc.pid, signal.SIGCONT)
