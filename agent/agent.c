@@ -332,6 +332,7 @@ struct agent *agent_new(uv_loop_t *loop, const struct dial_config *cfg, struct s
     a->pf.loop = loop;
     activity_init(&a->activity, loop);
     a->pf.activity = &a->activity;
+    a->pf.policy = opts->forward_policy;
     uv_timer_init(loop, &a->stats_timer);
     uv_timer_init(loop, &a->hangup_timer);
     a->stats_timer.data = a->hangup_timer.data = a;

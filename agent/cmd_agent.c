@@ -6,6 +6,7 @@
 #include "agent.h"
 #include "cli.h"
 #include "commands.h"
+#include "fwdpolicy.h"
 #include "tunnel/log.h"
 
 static const char agent_usage[] =
@@ -49,6 +50,10 @@ static const char agent_usage[] =
     "  --ssh-accept-env LIST      environment names SSH clients may set, comma-separated,\n"
     "                             '*' wildcards allowed (default LANG,LC_*,TERM,\n"
     "                             TETHER_SESSION_TYPE)\n"
+    "  --forward-allow CIDR:PORTS forwards (relay tcp streams, ssh -L and -D) may also\n"
+    "                             reach these addresses and ports, e.g. 10.0.0.0/8:5432,\n"
+    "                             [fd00::]/8:80,443,8000-9000; repeatable (up to 64);\n"
+    "                             loopback is always allowed, nothing else by default\n"
     "  --keepalive-idle DURATION  ping the relay after this much silence (default 15s)\n"
     "  --keepalive-timeout DURATION  reconnect after this much silence (default 45s)\n"
     "  --log-level LEVEL          error, warn, info (default) or debug\n"
@@ -198,16 +203,20 @@ int cmd_agent(int argc, char **argv)
                                          {"shutdown-script", required_argument, NULL, 'z'},
                                          {"shutdown-timeout", required_argument, NULL, 'Z'},
                                          {"ports-interval", required_argument, NULL, 'p'},
+                                         {"forward-allow", required_argument, NULL, 'W'},
                                          CLI_OPTS_CLIENT,
                                          CLI_OPTS_KEEPALIVE,
                                          CLI_OPTS_END};
-    struct sshd_config sc = {0};
+    struct fwdpolicy fwd_policy;
+    fwdpolicy_init(&fwd_policy);
+    struct sshd_config sc = {.forward_policy = &fwd_policy};
     struct env_allow env_allow;
     struct rpty_config pty_cfg;
     rpty_config_default(&pty_cfg);
     struct lifecycle_config lc_cfg;
     lifecycle_config_default(&lc_cfg);
-    struct agent_options ao = {.pty = &pty_cfg, .lifecycle = &lc_cfg};
+    struct agent_options ao = {
+        .pty = &pty_cfg, .lifecycle = &lc_cfg, .forward_policy = &fwd_policy};
     char state_dir[4096], listen_host[256];
     struct cli_client cc;
     memset(&cc, 0, sizeof(cc));
@@ -262,6 +271,14 @@ int cmd_agent(int argc, char **argv)
                 return EXIT_USAGE;
             }
             sc.env_allow = (const char *const *)env_allow.names;
+            continue;
+        }
+        if (c == 'W') {
+            char why[256];
+            if (fwdpolicy_add(&fwd_policy, optarg, why, sizeof(why)) < 0) {
+                cli_error("bad --forward-allow '%s': %s", optarg, why);
+                return EXIT_USAGE;
+            }
             continue;
         }
         if (c == 'K') {

@@ -293,6 +293,15 @@ void portfwd_open(struct portfwd_shared *sh, struct mux *m, uint32_t id, const s
         mux_stream_reject(m, id, PROTO_CODE_UNREACHABLE, "target host must be a numeric address");
         return;
     }
+    /* The address checked is the one dialed: names are never resolved here, so no later
+     * answer can differ from what the policy saw. */
+    if (!fwdpolicy_allows(sh->policy, (const struct sockaddr *)&sa)) {
+        char why[FWDPOLICY_REFUSAL_MAX];
+        fwdpolicy_refusal(why, sizeof(why), o->host, o->port);
+        log_info("stream %u: tcp forward refused: %s", id, why);
+        mux_stream_reject(m, id, PROTO_CODE_FORBIDDEN, why);
+        return;
+    }
     struct portfwd *p = calloc(1, sizeof(*p));
     if (!p) {
         mux_stream_reject(m, id, PROTO_CODE_INTERNAL, "out of memory");

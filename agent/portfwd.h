@@ -1,7 +1,8 @@
 /*
  * portfwd: tunnel streams of kind tcp, served by the agent: each one is a TCP connection
  * from the agent to host:port (the relay asks for 127.0.0.1:PORT). Bytes flow both ways
- * under the stream's credit; a half-close on either side becomes FIN on the other.
+ * under the stream's credit; a half-close on either side becomes FIN on the other. A
+ * target the forward policy does not allow is refused with OPEN_FAIL FORBIDDEN.
  */
 #ifndef TETHER_PORTFWD_H
 #define TETHER_PORTFWD_H
@@ -11,6 +12,7 @@
 #include <uv.h>
 
 #include "activity.h"
+#include "fwdpolicy.h"
 #include "proto/proto.h"
 #include "tunnel/mux.h"
 
@@ -21,14 +23,17 @@
 struct portfwd_shared {
     uv_loop_t *loop;
     struct activity *activity; /* forwards' bytes count as activity (SSH's pipes do not) */
-    unsigned forwards;         /* open tcp forwards */
+    /* Which targets a tcp OPEN may reach (--forward-allow); NULL: loopback only. Not owned:
+     * it must outlive the agent. */
+    const struct fwdpolicy *policy;
+    unsigned forwards; /* open tcp forwards */
     uint8_t read_buf[PORTFWD_READ_MAX];
 };
 
 /*
  * Starts dialing for a tcp OPEN on stream id. The stream is accepted once the connection
- * is up, or rejected with a reason (connection refused, unreachable, ...). The object
- * becomes the stream's user pointer (a struct agent_stream) and frees itself.
+ * is up, or rejected with a reason (connection refused, unreachable, not allowed, ...). The
+ * object becomes the stream's user pointer (a struct agent_stream) and frees itself.
  */
 void portfwd_open(struct portfwd_shared *sh, struct mux *m, uint32_t id,
                   const struct proto_open *o);

@@ -8,7 +8,8 @@
  * outcome by the time connect() returns: a refused port is refused right here. A target
  * whose connect is still in progress (another host) is accepted and the channel closes if
  * the connect then fails. Host names other than "localhost" are not resolved (no blocking
- * DNS on the loop): they are refused.
+ * DNS on the loop): they are refused. Targets outside the forward policy (loopback unless
+ * --forward-allow says more) are refused before any connect.
  *
  * libssh 0.10's only refusal reason is "administratively prohibited": the client sees the
  * open fail, and the agent's log says why (connection refused, ...).
@@ -30,6 +31,7 @@
 #include <sys/socket.h>
 #include <unistd.h>
 
+#include "fwdpolicy.h"
 #include "sshd_int.h"
 #include "tunnel/log.h"
 
@@ -99,6 +101,13 @@ static int open_direct_tcpip(struct ssh_conn *c, ssh_message msg)
         log_info("ssh: forward to %s:%d refused: only numeric addresses and localhost",
                  host ? host : "?", port);
         return -1;
+    }
+    /* host is now an address (or "localhost"), and the one checked is the one dialed. */
+    if (!fwdpolicy_allows(c->d->cfg->forward_policy, (const struct sockaddr *)&sa)) {
+        char why[FWDPOLICY_REFUSAL_MAX];
+        fwdpolicy_refusal(why, sizeof(why), host, (unsigned)port);
+        log_info("ssh: forward refused: %s", why);
+        return -1; /* libssh answers SSH_OPEN_ADMINISTRATIVELY_PROHIBITED */
     }
     if (c->nchans >= SSHD_MAX_CHANNELS) {
         log_warn("ssh: forward to %s:%d refused: too many channels", host, port);

@@ -53,6 +53,9 @@ struct sshd_config {
     /* Environment names a client may set, NULL-terminated; "LC_*" style prefixes allowed.
      * NULL: SSHD_DEFAULT_ENV_ALLOW. */
     const char *const *env_allow;
+    /* Which targets direct-tcpip channels (ssh -L, -D) may reach (--forward-allow); NULL:
+     * loopback only. A refused open fails with "administratively prohibited". */
+    const struct fwdpolicy *forward_policy;
 };
 #define SSHD_DEFAULT_ENV_ALLOW                                                                     \
     {                                                                                              \
