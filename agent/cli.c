@@ -152,8 +152,13 @@ int cli_client_resolve(struct cli_client *c)
     }
     if (!c->token_file)
         c->token_file = getenv("TETHER_TOKEN_FILE");
-    /* Taken (or not) now, and gone from the environment either way: no child inherits it. */
-    char *env_token = getenv("TETHER_TOKEN") ? strdup(getenv("TETHER_TOKEN")) : NULL;
+    /* Taken (or not) now, and gone from the environment either way: no child inherits it.
+     * unsetenv only drops the pointer: the bytes stay in the initial environment, which
+     * /proc/PID/environ (ps e) shows, so they are overwritten first. */
+    char *env_value = getenv("TETHER_TOKEN");
+    char *env_token = env_value ? strdup(env_value) : NULL;
+    if (env_value)
+        memset(env_value, 0, strlen(env_value));
     unsetenv("TETHER_TOKEN");
     if (c->token_file) {
         c->token = tokens_read_secret(c->token_file, CLI_MAX_TOKEN, err, sizeof(err));
