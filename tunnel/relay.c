@@ -12,6 +12,7 @@
 #include "manifestfile.h"
 #include "mux.h"
 #include "ptyconv.h"
+#include "route.h"
 #include "tokens.h"
 #include "web/web_assets.h"
 #include "wsstatus.h"
@@ -49,9 +50,6 @@
 #define RELAY_PTY_PUMP_CALLS 32u
 /* Credit marks per pty client: past this many, new ones merge into the last (later credit). */
 #define RELAY_PTY_MARKS 16u
-/* Query arguments examined; a query is short anyway (lws keeps 4 KiB of headers). */
-#define RELAY_PTY_MAX_ARGS 64
-#define RELAY_PTY_ARG_MAX (sizeof("command=") - 1 + PROTO_MAX_PTY_COMMAND)
 
 struct relay_agent;
 
@@ -226,11 +224,7 @@ static void bearer_token(struct lws *wsi, char *buf, size_t len)
         return;
     if (lws_hdr_copy(wsi, hdr, sizeof(hdr), WSI_TOKEN_HTTP_AUTHORIZATION) <= 0)
         return;
-    size_t n = strlen(hdr);
-    /* A token that does not fit is no token: never compare a truncated one. */
-    if (n < 7 || strncasecmp(hdr, "Bearer ", 7) != 0 || n - 7 >= len)
-        return;
-    memcpy(buf, hdr + 7, n - 7 + 1);
+    route_bearer_token(hdr, buf, len);
 }
 
 /* Writes a response body after its headers; lws keeps what the socket does not take. */
@@ -322,80 +316,6 @@ static int http_error(struct lws *wsi, unsigned status, const char *msg)
 
 /* ---- routes ---- */
 
-/*
- * ROUTE_TCP and ROUTE_SSH are client byte pipes, ROUTE_PTY a terminal: each websocket is
- * one tunnel stream.
- */
-enum route_kind {
-    ROUTE_NONE,
-    ROUTE_LIST,
-    ROUTE_ONE,
-    ROUTE_LOGS,
-    ROUTE_METRICS,
-    ROUTE_AGENT,
-    ROUTE_TCP,
-    ROUTE_SSH,
-    ROUTE_PTY
-};
-struct route {
-    enum route_kind kind;
-    char name[TOKENS_MAX_NAME + 1];
-    int port;
-};
-
-static void parse_route(const char *uri, struct route *rt)
-{
-    memset(rt, 0, sizeof(*rt));
-    static const char ws_prefix[] = "/api/v1/workspaces";
-    if (strcmp(uri, "/api/v1/agent") == 0) {
-        rt->kind = ROUTE_AGENT;
-        return;
-    }
-    if (strcmp(uri, "/metrics") == 0) {
-        rt->kind = ROUTE_METRICS;
-        return;
-    }
-    if (strcmp(uri, ws_prefix) == 0 || strcmp(uri, "/api/v1/workspaces/") == 0) {
-        rt->kind = ROUTE_LIST;
-        return;
-    }
-    if (strncmp(uri, ws_prefix, sizeof(ws_prefix) - 1) != 0 || uri[sizeof(ws_prefix) - 1] != '/')
-        return;
-    const char *name = uri + sizeof(ws_prefix);
-    size_t nl = strcspn(name, "/");
-    if (nl == 0 || nl > TOKENS_MAX_NAME)
-        return;
-    memcpy(rt->name, name, nl);
-    rt->name[nl] = '\0';
-    if (!tokens_name_valid(rt->name))
-        return;
-    const char *rest = name + nl;
-    if (*rest == '\0') {
-        rt->kind = ROUTE_ONE;
-        return;
-    }
-    if (strcmp(rest, "/ssh") == 0) {
-        rt->kind = ROUTE_SSH;
-        return;
-    }
-    if (strcmp(rest, "/logs") == 0) { /* its query: see parse_logs_query */
-        rt->kind = ROUTE_LOGS;
-        return;
-    }
-    if (strcmp(rest, "/pty") == 0) { /* lws keeps the query apart: see parse_pty_query */
-        rt->kind = ROUTE_PTY;
-        return;
-    }
-    if (strncmp(rest, "/tcp/", 5) == 0) {
-        char *end;
-        long port = strtol(rest + 5, &end, 10);
-        if (end != rest + 5 && *end == '\0' && port >= 1 && port <= 65535) {
-            rt->kind = ROUTE_TCP;
-            rt->port = (int)port;
-        }
-    }
-}
-
 static void get_uri(struct lws *wsi, char *buf, size_t len)
 {
     buf[0] = '\0';
@@ -403,158 +323,30 @@ static void get_uri(struct lws *wsi, char *buf, size_t len)
         lws_hdr_copy(wsi, buf, (int)len, WSI_TOKEN_GET_URI);
 }
 
-static bool is_client_route(enum route_kind kind)
-{
-    return kind == ROUTE_TCP || kind == ROUTE_SSH || kind == ROUTE_PTY;
-}
-
 /* ---- the pty endpoint's query (PROTOCOL.md 14.7) ---- */
-
-struct pty_query {
-    uint8_t id[PROTO_PTY_ID_SIZE];
-    uint16_t rows, cols;
-    char command[PROTO_MAX_PTY_COMMAND + 1]; /* "" = the login shell */
-};
-
-static int hex_digit(char ch)
-{
-    if (ch >= '0' && ch <= '9')
-        return ch - '0';
-    if (ch >= 'a' && ch <= 'f')
-        return ch - 'a' + 10;
-    if (ch >= 'A' && ch <= 'F')
-        return ch - 'A' + 10;
-    return -1;
-}
-
-/* The 36-character text form, 8-4-4-4-12 hex digits in either case. */
-static int parse_uuid(const char *s, size_t n, uint8_t out[PROTO_PTY_ID_SIZE])
-{
-    if (n != 36)
-        return -1;
-    size_t k = 0;
-    for (size_t i = 0; i < n;) {
-        if (i == 8 || i == 13 || i == 18 || i == 23) {
-            if (s[i++] != '-')
-                return -1;
-            continue;
-        }
-        int hi = hex_digit(s[i]), lo = hex_digit(s[i + 1]);
-        if (hi < 0 || lo < 0)
-            return -1;
-        out[k++] = (uint8_t)(hi << 4 | lo);
-        i += 2;
-    }
-    return 0;
-}
-
-/*
- * A terminal size: 1 to 9 decimal digits, clamped into 1..65535 like the sizes of JSON
- * resizes (ptyconv.h); the agent clamps further to what a terminal can use.
- */
-static int parse_size(const char *s, size_t n, uint16_t *out)
-{
-    if (n < 1 || n > 9)
-        return -1;
-    long v = 0;
-    for (size_t i = 0; i < n; i++) {
-        if (s[i] < '0' || s[i] > '9')
-            return -1;
-        v = v * 10 + (s[i] - '0');
-    }
-    *out = (uint16_t)(v < (long)PTYCONV_MIN_SIZE   ? PTYCONV_MIN_SIZE
-                      : v > (long)PTYCONV_MAX_SIZE ? PTYCONV_MAX_SIZE
-                                                   : v);
-    return 0;
-}
-
-static bool all_zero(const uint8_t *p, size_t n)
-{
-    for (size_t i = 0; i < n; i++)
-        if (p[i])
-            return false;
-    return true;
-}
-
-/* One name=value argument into q; seen[] marks id, rows, cols, command. */
-static int pty_query_arg(const char *arg, size_t n, struct pty_query *q, bool seen[4], char *why,
-                         size_t whylen)
-{
-    static const char *const names[4] = {"id", "rows", "cols", "command"};
-    const char *eq = memchr(arg, '=', n);
-    size_t nl = eq ? (size_t)(eq - arg) : n;
-    const char *v = eq ? eq + 1 : arg + n;
-    size_t vl = n - nl - (eq ? 1 : 0);
-    int which = -1;
-    for (int i = 0; i < 4; i++)
-        if (strlen(names[i]) == nl && memcmp(arg, names[i], nl) == 0)
-            which = i;
-    if (which < 0)
-        return 0; /* unknown arguments are ignored */
-    if (seen[which]) {
-        snprintf(why, whylen, "%s is given twice", names[which]);
-        return -1;
-    }
-    seen[which] = true;
-    switch (which) {
-    case 0:
-        if (parse_uuid(v, vl, q->id) < 0) {
-            snprintf(why, whylen, "id must be a UUID (8-4-4-4-12 hex digits)");
-            return -1;
-        }
-        if (all_zero(q->id, sizeof(q->id))) {
-            snprintf(why, whylen, "id must not be the nil UUID");
-            return -1;
-        }
-        return 0;
-    case 1:
-    case 2:
-        if (parse_size(v, vl, which == 1 ? &q->rows : &q->cols) < 0) {
-            snprintf(why, whylen, "%s must be a decimal number", names[which]);
-            return -1;
-        }
-        return 0;
-    default:
-        if (memchr(v, '\0', vl)) {
-            snprintf(why, whylen, "command contains a NUL byte");
-            return -1;
-        }
-        memcpy(q->command, v, vl); /* vl <= PROTO_MAX_PTY_COMMAND: the caller's buffer */
-        q->command[vl] = '\0';
-        return 0;
-    }
-}
 
 /*
  * Reads the query of a pty upgrade. lws has split it at '&' and decoded it already (%XX,
  * and '+' as a space, as in HTML forms). Returns 0, or -1 with the reason in why.
  */
-static int parse_pty_query(struct lws *wsi, struct pty_query *q, char *why, size_t whylen)
+static int parse_pty_query(struct lws *wsi, struct route_pty_query *q, char *why, size_t whylen)
 {
-    static const char *const missing[4] = {"id is missing", "rows is missing", "cols is missing",
-                                           NULL};
-    char arg[RELAY_PTY_ARG_MAX + 1];
-    bool seen[4] = {false, false, false, false};
-    memset(q, 0, sizeof(*q));
-    for (int i = 0; i < RELAY_PTY_MAX_ARGS; i++) {
+    char arg[ROUTE_ARG_MAX + 1];
+    route_pty_query_init(q);
+    for (int i = 0; i < ROUTE_MAX_ARGS; i++) {
         int n = lws_hdr_copy_fragment(wsi, arg, (int)sizeof(arg), WSI_TOKEN_HTTP_URI_ARGS, i);
         if (n < 0) {
             if (lws_hdr_fragment_length(wsi, WSI_TOKEN_HTTP_URI_ARGS, i) >= (int)sizeof(arg)) {
                 snprintf(why, whylen, "an argument is over %zu bytes (command: at most %u)",
-                         RELAY_PTY_ARG_MAX, PROTO_MAX_PTY_COMMAND);
+                         ROUTE_ARG_MAX, PROTO_MAX_PTY_COMMAND);
                 return -1;
             }
             break; /* no more arguments */
         }
-        if (pty_query_arg(arg, (size_t)n, q, seen, why, whylen) < 0)
+        if (route_pty_query_arg(q, arg, (size_t)n, why, whylen) < 0)
             return -1;
     }
-    for (int i = 0; i < 4; i++)
-        if (!seen[i] && missing[i]) {
-            snprintf(why, whylen, "%s", missing[i]);
-            return -1;
-        }
-    return 0;
+    return route_pty_query_finish(q, why, whylen);
 }
 
 /* ---- the web terminal (PROTOCOL.md 14.8) ---- */
@@ -565,7 +357,6 @@ static int parse_pty_query(struct lws *wsi, struct pty_query *q, char *why, size
  * is accepted on GET /w/NAME and on the pty websocket, where the Origin must then be the
  * relay itself (no cross-site websocket hijacking).
  */
-#define WEB_COOKIE "tether_token"
 #define WEB_TOKEN_MAX 1024u
 #define WEB_BODY_MAX 4096u
 #define WEB_COOKIE_MAX_AGE "2592000" /* 30 days */
@@ -587,26 +378,6 @@ struct web_login {
     bool too_big;
 };
 
-/* Decodes %XX (and '+' as a space when form is set) into out; -1 if it does not fit. */
-static int percent_decode(const char *in, size_t n, bool form, char *out, size_t cap)
-{
-    size_t o = 0;
-    for (size_t i = 0; i < n; i++) {
-        char ch = in[i];
-        if (ch == '%' && i + 2 < n && hex_digit(in[i + 1]) >= 0 && hex_digit(in[i + 2]) >= 0) {
-            ch = (char)(hex_digit(in[i + 1]) * 16 + hex_digit(in[i + 2]));
-            i += 2;
-        } else if (ch == '+' && form) {
-            ch = ' ';
-        }
-        if (ch == '\0' || o + 1 >= cap)
-            return -1;
-        out[o++] = ch;
-    }
-    out[o] = '\0';
-    return 0;
-}
-
 /* The token in the request's tether_token cookie into buf; false if there is none. */
 static bool cookie_token(struct lws *wsi, char *buf, size_t len)
 {
@@ -617,38 +388,20 @@ static bool cookie_token(struct lws *wsi, char *buf, size_t len)
         return false;
     if (lws_hdr_copy(wsi, hdr, sizeof(hdr), WSI_TOKEN_HTTP_COOKIE) <= 0)
         return false;
-    for (char *p = hdr; *p;) {
-        p += strspn(p, " \t;");
-        size_t n = strcspn(p, ";");
-        static const char key[] = WEB_COOKIE "=";
-        if (n > sizeof(key) - 1 && strncmp(p, key, sizeof(key) - 1) == 0) {
-            const char *v = p + sizeof(key) - 1;
-            size_t vn = n - (sizeof(key) - 1);
-            while (vn > 0 && (v[vn - 1] == ' ' || v[vn - 1] == '\t'))
-                vn--;
-            if (percent_decode(v, vn, false, buf, len) < 0) {
-                buf[0] = '\0';
-                return false;
-            }
-            return buf[0] != '\0';
-        }
-        p += n;
-    }
-    return false;
+    return route_cookie_token(hdr, buf, len);
 }
 
 /* Is the request's Origin this relay itself (scheme, host and port as in Host)? */
 static bool origin_is_self(struct lws *wsi)
 {
-    char origin[512], host[400], want[420];
+    char origin[512], host[400];
     if (lws_hdr_total_length(wsi, WSI_TOKEN_ORIGIN) >= (int)sizeof(origin) ||
         lws_hdr_total_length(wsi, WSI_TOKEN_HOST) >= (int)sizeof(host))
         return false;
     if (lws_hdr_copy(wsi, origin, sizeof(origin), WSI_TOKEN_ORIGIN) <= 0 ||
         lws_hdr_copy(wsi, host, sizeof(host), WSI_TOKEN_HOST) <= 0)
         return false;
-    snprintf(want, sizeof(want), "%s://%s", lws_is_ssl(wsi) ? "https" : "http", host);
-    return strcasecmp(origin, want) == 0;
+    return route_origin_is_self(origin, host, lws_is_ssl(wsi));
 }
 
 struct web_header {
@@ -722,34 +475,6 @@ static int web_login_page(struct lws *wsi, unsigned status, const char *name, co
     return web_send(wsi, status, "text/html; charset=utf-8", "no-store", NULL, 0, page, (size_t)n);
 }
 
-enum web_kind { WEB_NONE, WEB_PAGE, WEB_LOGIN, WEB_LOGOUT, WEB_ASSET };
-
-/* /w/NAME, /w/NAME/login, /w/NAME/logout or /web/FILE. */
-static enum web_kind web_route(const char *uri, char name[TOKENS_MAX_NAME + 1])
-{
-    name[0] = '\0';
-    if (strncmp(uri, "/web/", 5) == 0)
-        return WEB_ASSET;
-    if (strncmp(uri, "/w/", 3) != 0)
-        return WEB_NONE;
-    const char *n = uri + 3;
-    size_t nl = strcspn(n, "/");
-    if (nl == 0 || nl > TOKENS_MAX_NAME)
-        return WEB_NONE;
-    memcpy(name, n, nl);
-    name[nl] = '\0';
-    if (!tokens_name_valid(name))
-        return WEB_NONE;
-    const char *rest = n + nl;
-    if (*rest == '\0' || strcmp(rest, "/") == 0)
-        return WEB_PAGE;
-    if (strcmp(rest, "/login") == 0)
-        return WEB_LOGIN;
-    if (strcmp(rest, "/logout") == 0)
-        return WEB_LOGOUT;
-    return WEB_NONE;
-}
-
 static int web_asset(struct lws *wsi, const char *uri)
 {
     const struct web_asset *a = web_asset_find(uri);
@@ -789,7 +514,8 @@ static int web_logout(struct lws *wsi, const char *name)
 {
     char location[TOKENS_MAX_NAME + 16], cookie[160];
     snprintf(location, sizeof(location), "/w/%s/login", name);
-    snprintf(cookie, sizeof(cookie), WEB_COOKIE "=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict%s",
+    snprintf(cookie, sizeof(cookie),
+             ROUTE_COOKIE "=; Path=/; Max-Age=0; HttpOnly; SameSite=Strict%s",
              lws_is_ssl(wsi) ? "; Secure" : "");
     return web_redirect(wsi, location, cookie);
 }
@@ -801,15 +527,7 @@ static int web_login_done(struct relay *r, struct lws *wsi, struct web_login *l)
     token[0] = '\0';
     if (!l->too_big) {
         l->body[l->len] = '\0';
-        for (char *p = l->body; *p;) {
-            size_t n = strcspn(p, "&");
-            if (n > 6 && strncmp(p, "token=", 6) == 0 &&
-                percent_decode(p + 6, n - 6, true, token, sizeof(token)) < 0)
-                token[0] = '\0';
-            p += n;
-            if (*p)
-                p++;
-        }
+        route_form_token(l->body, token, sizeof(token));
     }
     bool ok = token[0] && tokens_user_valid(r->tokens, token) && workspace_find(r, l->name) &&
               tokens_user_allows(r->tokens, token, l->name);
@@ -817,29 +535,21 @@ static int web_login_done(struct relay *r, struct lws *wsi, struct web_login *l)
         memset(token, 0, sizeof(token));
         return web_login_page(wsi, 401, l->name, "That token was refused.");
     }
-    /* The cookie's value: the token with every byte outside [A-Za-z0-9._~-] as %XX. */
-    size_t cap = sizeof(WEB_COOKIE) + 3 * WEB_TOKEN_MAX + 128;
+    /* The cookie's value: the token with every byte outside [A-Za-z0-9._~-] as %XX, which
+     * always fits (route_cookie_set). */
+    size_t cap = sizeof(ROUTE_COOKIE) + 3 * WEB_TOKEN_MAX + 128;
     char *cookie = malloc(cap), location[TOKENS_MAX_NAME + 8];
-    if (!cookie)
-        return -1;
-    size_t o = (size_t)snprintf(cookie, cap, WEB_COOKIE "=");
-    static const char hexd[] = "0123456789ABCDEF";
-    for (const unsigned char *t = (const unsigned char *)token; *t; t++) {
-        if ((*t >= 'A' && *t <= 'Z') || (*t >= 'a' && *t <= 'z') || (*t >= '0' && *t <= '9') ||
-            *t == '.' || *t == '_' || *t == '~' || *t == '-') {
-            cookie[o++] = (char)*t;
-        } else {
-            cookie[o++] = '%';
-            cookie[o++] = hexd[*t >> 4];
-            cookie[o++] = hexd[*t & 15];
-        }
+    int rc = -1;
+    if (cookie && route_cookie_set(token, cookie, cap) == 0) {
+        size_t o = strlen(cookie);
+        snprintf(cookie + o, cap - o,
+                 "; Path=/; Max-Age=" WEB_COOKIE_MAX_AGE "; HttpOnly; SameSite=Strict%s",
+                 lws_is_ssl(wsi) ? "; Secure" : "");
+        snprintf(location, sizeof(location), "/w/%s", l->name);
+        rc = web_redirect(wsi, location, cookie);
     }
-    snprintf(cookie + o, cap - o,
-             "; Path=/; Max-Age=" WEB_COOKIE_MAX_AGE "; HttpOnly; SameSite=Strict%s",
-             lws_is_ssl(wsi) ? "; Secure" : "");
-    snprintf(location, sizeof(location), "/w/%s", l->name);
-    int rc = web_redirect(wsi, location, cookie);
-    memset(cookie, 0, cap);
+    if (cookie)
+        memset(cookie, 0, cap);
     memset(token, 0, sizeof(token));
     free(cookie);
     return rc;
@@ -863,12 +573,12 @@ static void web_login_free(struct relay_pss *pss)
 static int serve_web(struct relay *r, struct lws *wsi, struct relay_pss *pss, const char *uri)
 {
     char name[TOKENS_MAX_NAME + 1];
-    enum web_kind kind = web_route(uri, name);
-    if (kind == WEB_NONE)
+    enum route_web_kind kind = route_web(uri, name);
+    if (kind == ROUTE_WEB_NONE)
         return 1;
     bool get = lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) > 0;
     bool post = lws_hdr_total_length(wsi, WSI_TOKEN_POST_URI) > 0;
-    if (kind == WEB_LOGIN && post) {
+    if (kind == ROUTE_WEB_LOGIN && post) {
         char cl[32] = "";
         if (lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_CONTENT_LENGTH) < (int)sizeof(cl))
             lws_hdr_copy(wsi, cl, sizeof(cl), WSI_TOKEN_HTTP_CONTENT_LENGTH);
@@ -889,19 +599,19 @@ static int serve_web(struct relay *r, struct lws *wsi, struct relay_pss *pss, co
         }
         return 2;
     }
-    if (kind == WEB_LOGOUT && (get || post))
+    if (kind == ROUTE_WEB_LOGOUT && (get || post))
         return web_logout(wsi, name) < 0 ? -1 : 0;
     if (!get)
         return web_text(wsi, 405, "method not allowed\n") < 0 ? -1 : 0;
     int rc;
     switch (kind) {
-    case WEB_PAGE:
+    case ROUTE_WEB_PAGE:
         rc = web_page(r, wsi, name);
         break;
-    case WEB_LOGIN:
+    case ROUTE_WEB_LOGIN:
         rc = web_login_page(wsi, 200, name, "");
         break;
-    case WEB_ASSET:
+    case ROUTE_WEB_ASSET:
         rc = web_asset(wsi, uri);
         break;
     default:
@@ -1029,40 +739,20 @@ static int http_json(struct lws *wsi, json_t *body)
  */
 static int parse_logs_query(struct lws *wsi, uint64_t *after, char *why, size_t whylen)
 {
-    static const char bad[] = "after must be a decimal number from 0 to 9223372036854775807";
-    char arg[RELAY_PTY_ARG_MAX + 1];
+    char arg[ROUTE_ARG_MAX + 1];
     bool seen = false;
     *after = 0;
-    for (int i = 0; i < RELAY_PTY_MAX_ARGS; i++) {
+    for (int i = 0; i < ROUTE_MAX_ARGS; i++) {
         int n = lws_hdr_copy_fragment(wsi, arg, (int)sizeof(arg), WSI_TOKEN_HTTP_URI_ARGS, i);
         if (n < 0) {
             if (lws_hdr_fragment_length(wsi, WSI_TOKEN_HTTP_URI_ARGS, i) >= (int)sizeof(arg)) {
-                snprintf(why, whylen, "an argument is over %zu bytes", RELAY_PTY_ARG_MAX);
+                snprintf(why, whylen, "an argument is over %zu bytes", ROUTE_ARG_MAX);
                 return -1;
             }
             break; /* no more arguments */
         }
-        if (strncmp(arg, "after", 5) != 0 || (arg[5] != '=' && arg[5] != '\0'))
-            continue;
-        if (seen) {
-            snprintf(why, whylen, "after is given twice");
+        if (route_logs_arg(arg, (size_t)n, after, &seen, why, whylen) < 0)
             return -1;
-        }
-        seen = true;
-        const char *v = arg + 6;
-        size_t vl = arg[5] == '=' ? (size_t)n - 6 : 0;
-        uint64_t x = 0;
-        for (size_t k = 0; k < vl; k++) {
-            if (v[k] < '0' || v[k] > '9' || x > ((uint64_t)INT64_MAX - (uint64_t)(v[k] - '0')) / 10)
-                vl = 0;
-            else
-                x = x * 10 + (uint64_t)(v[k] - '0');
-        }
-        if (vl == 0) {
-            snprintf(why, whylen, "%s", bad);
-            return -1;
-        }
-        *after = x;
     }
     return 0;
 }
@@ -1084,7 +774,7 @@ static int serve_http(struct relay *r, struct lws *wsi, const char *uri)
     struct route rt;
     if (lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) <= 0)
         return http_error(wsi, 405, "method not allowed");
-    parse_route(uri, &rt);
+    route_parse(uri, &rt);
     if (rt.kind != ROUTE_LIST && rt.kind != ROUTE_ONE && rt.kind != ROUTE_LOGS &&
         rt.kind != ROUTE_METRICS)
         return http_error(wsi, 404, "not found");
@@ -1119,14 +809,14 @@ static int confirm_upgrade(struct relay *r, struct lws *wsi)
     char uri[512], token[1100];
     struct route rt;
     get_uri(wsi, uri, sizeof(uri));
-    parse_route(uri, &rt);
+    route_parse(uri, &rt);
     bearer_token(wsi, token, sizeof(token));
     if (rt.kind == ROUTE_AGENT) {
         if (!tokens_agent_workspace(r->tokens, token))
             return refuse_upgrade(wsi, 401, "unauthorized");
         return 0;
     }
-    if (!is_client_route(rt.kind))
+    if (!route_is_client(rt.kind))
         return refuse_upgrade(wsi, 404, "not found");
     /* The web terminal's cookie stands in for the header on pty upgrades from the relay's
      * own pages only: a cross-site page's websocket would carry it too (PROTOCOL.md 14.8). */
@@ -1141,7 +831,7 @@ static int confirm_upgrade(struct relay *r, struct lws *wsi)
     if (!w || !tokens_user_allows(r->tokens, token, rt.name))
         return refuse_upgrade(wsi, 404, "no such workspace");
     if (rt.kind == ROUTE_PTY) {
-        struct pty_query q;
+        struct route_pty_query q;
         char why[160], msg[200];
         if (parse_pty_query(wsi, &q, why, sizeof(why)) < 0) {
             snprintf(msg, sizeof(msg), "bad pty query: %s", why);
@@ -1212,7 +902,7 @@ static int client_open_for(struct lws *wsi, const struct route *rt, struct proto
         o->kind = PROTO_KIND_SSH;
         return 0;
     case ROUTE_PTY: {
-        struct pty_query q;
+        struct route_pty_query q;
         char why[160];
         if (parse_pty_query(wsi, &q, why, sizeof(why)) < 0)
             return -1; /* confirm_upgrade answered 400 already */
@@ -1257,9 +947,9 @@ static int client_established(struct relay *r, struct lws *wsi, struct relay_pss
     struct route rt;
     struct proto_open o;
     get_uri(wsi, uri, sizeof(uri));
-    parse_route(uri, &rt);
+    route_parse(uri, &rt);
     struct relay_workspace *w = workspace_find(r, rt.name);
-    if (!is_client_route(rt.kind) || !w || !w->agent || client_open_for(wsi, &rt, &o) < 0)
+    if (!route_is_client(rt.kind) || !w || !w->agent || client_open_for(wsi, &rt, &o) < 0)
         return -1; /* confirm_upgrade checked; the agent may have left since */
     struct relay_client *c = calloc(1, sizeof(*c));
     if (!c)
@@ -2000,7 +1690,7 @@ static int relay_callback(struct lws *wsi, enum lws_callback_reasons reason, voi
         char uri[512];
         struct route rt;
         get_uri(wsi, uri, sizeof(uri));
-        parse_route(uri, &rt);
+        route_parse(uri, &rt);
         memset(pss, 0, sizeof(*pss));
         if (rt.kind == ROUTE_AGENT)
             return agent_established(r, wsi, pss);
