@@ -21,6 +21,8 @@ struct bytebuf {
 /* Appends n bytes. Returns 0 or -1 (out of memory; nothing appended). */
 static inline int bytebuf_append(struct bytebuf *b, const void *p, size_t n)
 {
+    if (n == 0)
+        return 0; /* memcpy wants real pointers even for no bytes, and data may be NULL */
     if (b->head + b->len + n > b->cap) {
         if (b->head > 0) { /* slide unread bytes to the front before growing */
             memmove(b->data, b->data + b->head, b->len);
