@@ -507,3 +507,47 @@ def test_insecure_warns_in_every_client(harness, tls_relay, pki, tmp_path):
     assert "--insecure" in cfg.read_text()
     missing = [name for name, text in found.items() if WARNING not in text]
     assert not missing, "no --insecure warning from %s: %r" % (missing, found)
+
+
+def _listening_inodes():
+    """Inodes of the TCP sockets in LISTEN state (IPv4 and IPv6), from /proc/net/tcp*."""
+    inodes = set()
+    for path in ("/proc/net/tcp", "/proc/net/tcp6"):
+        with open(path) as f:
+            for line in f.readlines()[1:]:
+                fields = line.split()
+                if fields[3] == "0A":  # TCP_LISTEN
+                    inodes.add(fields[9])
+    return inodes
+
+
+def _listening_sockets_of(pid):
+    """How many listening TCP sockets process pid holds."""
+    listening = _listening_inodes()
+    n = 0
+    for fd in os.listdir("/proc/%d/fd" % pid):
+        try:
+            target = os.readlink("/proc/%d/fd/%s" % (pid, fd))
+        except OSError:
+            continue
+        if target.startswith("socket:[") and target[8:-1] in listening:
+            n += 1
+    return n
+
+
+def test_the_agent_opens_no_listening_socket_unless_asked(harness, relay, tmp_path):
+    """An agent dials out and listens nowhere; with --ssh-listen it listens on that one
+    port only (key-only SSH, tested in test_ssh_forward.py)."""
+    agent = harness.agent(relay, "alpha", extra=["--startup-script", "true"])
+    wait_until(lambda: relay.workspace("alpha")["lifecycle"] == "ready", timeout=20,
+               what="the agent to be ready")
+    assert _listening_sockets_of(agent.pid) == 0
+    agent.terminate()
+    from conftest import free_port
+    port = free_port()
+    keys = tmp_path / "authorized_keys"
+    write_private(keys, "")
+    agent = harness.agent(relay, "alpha", extra=["--ssh-listen", "127.0.0.1:%d" % port,
+                                                  "--authorized-keys", str(keys)])
+    wait_until(lambda: _listening_sockets_of(agent.pid) == 1, timeout=20,
+               what="the --ssh-listen socket")
