@@ -323,9 +323,9 @@ void portfwd_open(struct portfwd_shared *sh, struct mux *m, uint32_t id, const s
     rc = uv_tcp_connect(&p->connect_req, &p->h.tcp, (struct sockaddr *)&sa, on_connect);
     if (rc < 0) {
         /* EMFILE and friends arrive here: refuse this stream clearly, keep the others. */
-        mux_stream_reject(m, id, code_for(rc),
-                          rc == UV_EMFILE || rc == UV_ENFILE ? "agent is out of file descriptors"
-                                                             : uv_strerror(rc));
+        const char *why = stream_out_of_fds(rc) ? STREAM_OUT_OF_FDS : uv_strerror(rc);
+        log_warn("stream %u: tcp forward to %s:%u refused: %s", id, o->host, o->port, why);
+        mux_stream_reject(m, id, code_for(rc), why);
         p->mux = NULL;
         portfwd_close(p, true);
     }

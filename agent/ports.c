@@ -3,6 +3,7 @@
 #include <arpa/inet.h>
 #include <ctype.h>
 #include <dirent.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -172,9 +173,12 @@ static void scan(struct ports_scanner *s)
         return;
     size_t n = 0;
     bool ok = false;
+    int err = 0; /* why the last file could not be read */
     static const char *const files[2] = {"/proc/net/tcp", "/proc/net/tcp6"};
     for (int v6 = 0; v6 < 2; v6++) {
         char *text = read_small(files[v6], PROC_NET_MAX);
+        if (!text)
+            err = errno;
         if (text && ports_parse(text, v6, e, PORTS_MAX, &n) == 0)
             ok = true;
         free(text);
@@ -185,7 +189,8 @@ static void scan(struct ports_scanner *s)
         return;
     }
     if (!ok && !s->unavailable)
-        log_warn("cannot read /proc/net/tcp or tcp6: listening ports are unavailable");
+        log_warn("cannot read /proc/net/tcp or tcp6 (%s): listening ports are unavailable",
+                 err ? strerror(err) : "unexpected contents");
     name_owners(e, n);
     json_t *list = json_array();
     for (size_t i = 0; i < n; i++) {

@@ -352,10 +352,13 @@ static int ps_attach(struct ptystream *p, struct rpty_registry *reg,
 
 static void attach_failed(int rc, unsigned max_sessions, char *why, size_t len)
 {
-    if (rc == -EAGAIN)
+    if (rc == -EAGAIN) {
         snprintf(why, len, "too many PTYs (at most %u)", max_sessions);
-    else
-        snprintf(why, len, "cannot start the PTY: %s", strerror(-rc));
+        return;
+    }
+    snprintf(why, len, "cannot start the PTY: %s",
+             stream_out_of_fds(rc) ? STREAM_OUT_OF_FDS : strerror(-rc));
+    log_warn("pty refused: %s", why);
 }
 
 static void on_gate_open(struct gate_waiter *gw)

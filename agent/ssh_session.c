@@ -24,6 +24,7 @@
 #include <unistd.h>
 
 #include "sshd_int.h"
+#include "stream.h"
 #include "tunnel/log.h"
 
 #define DEFAULT_PATH "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
@@ -303,7 +304,8 @@ static int start_process(struct ssh_chan *ch, const char *path, char *const *arg
         env_free(&env);
     }
     if (rc < 0) {
-        log_warn("ssh: cannot start %s: %s", path, strerror(-rc));
+        log_warn("ssh: cannot start %s: %s", path,
+                 stream_out_of_fds(rc) ? STREAM_OUT_OF_FDS : strerror(-rc));
         return -1;
     }
     ch->pid = io.pid;

@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "sshd_int.h"
+#include "stream.h"
 #include "tunnel/log.h"
 
 #define HOST_KEY_FILE "ssh_host_ed25519_key"
@@ -85,6 +86,47 @@ static int mkdir_p(const char *path, mode_t mode)
     return 0;
 }
 
+/*
+ * Writes the private key to path under a temporary name (0600), syncs it and renames it,
+ * so that path is either absent or a whole key, also when the disk is full or the agent
+ * dies meanwhile. The key is written here rather than by ssh_pki_export_privkey_file, which
+ * does not check that its buffered write reached the file. Returns 0 or a negative errno.
+ */
+static int write_host_key(ssh_key key, const char *path)
+{
+    char *text = NULL;
+    if (ssh_pki_export_privkey_base64(key, NULL, NULL, NULL, &text) != SSH_OK || !text)
+        return -ENOMEM;
+    size_t len = strlen(text), off = 0;
+    char tmp[4200];
+    snprintf(tmp, sizeof(tmp), "%s.tmp", path);
+    unlink(tmp); /* left by an agent that died while writing */
+    int rc = 0;
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0)
+        rc = -errno;
+    while (rc == 0 && off < len) {
+        ssize_t n = write(fd, text + off, len - off);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            rc = n < 0 ? -errno : -EIO;
+        else
+            off += (size_t)n;
+    }
+    if (rc == 0 && fsync(fd) < 0)
+        rc = -errno;
+    if (fd >= 0 && close(fd) < 0 && rc == 0)
+        rc = -errno;
+    if (rc == 0 && rename(tmp, path) < 0)
+        rc = -errno;
+    if (rc < 0 && fd >= 0)
+        unlink(tmp);
+    explicit_bzero(text, len);
+    ssh_string_free_char(text);
+    return rc;
+}
+
 /* Loads the host key from the state directory, or creates it there (0600) the first time. */
 static int load_host_key(struct sshd *d, char *err, size_t errlen)
 {
@@ -97,6 +139,10 @@ static int load_host_key(struct sshd *d, char *err, size_t errlen)
     }
     snprintf(path, sizeof(path), "%s/%s", dir, HOST_KEY_FILE);
     ssh_key key = NULL;
+    if (access(path, F_OK) < 0 && errno != ENOENT) { /* never replace a key we cannot see */
+        snprintf(err, errlen, "cannot read the host key %s: %s", path, strerror(errno));
+        return -1;
+    }
     if (access(path, F_OK) == 0) {
         if (ssh_pki_import_privkey_file(path, NULL, NULL, NULL, &key) != SSH_OK) {
             snprintf(err, errlen, "cannot read the host key %s (remove it to make a new one)",
@@ -108,17 +154,11 @@ static int load_host_key(struct sshd *d, char *err, size_t errlen)
             snprintf(err, errlen, "cannot generate an ed25519 host key");
             return -1;
         }
-        /* Written under a temporary name with mode 0600, then renamed: never half a key. */
-        char tmp[4200];
-        snprintf(tmp, sizeof(tmp), "%s.tmp", path);
-        unlink(tmp);
-        mode_t old = umask(077);
-        rc = ssh_pki_export_privkey_file(key, NULL, NULL, NULL, tmp);
-        umask(old);
-        if (rc != SSH_OK || rename(tmp, path) < 0) {
-            unlink(tmp);
+        rc = write_host_key(key, path);
+        if (rc < 0) {
             ssh_key_free(key);
-            snprintf(err, errlen, "cannot write the host key %s", path);
+            snprintf(err, errlen, "cannot write the SSH host key into the state directory %s: %s",
+                     dir, strerror(-rc));
             return -1;
         }
         log_info("created the SSH host key %s", path);
@@ -457,16 +497,19 @@ void sshd_serve_stream(struct sshd *d, struct portfwd_shared *pf, struct mux *m,
         mux_stream_reject(m, id, PROTO_CODE_REFUSED, "the agent is shutting down");
         return;
     }
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) < 0) {
-        mux_stream_reject(m, id, PROTO_CODE_INTERNAL,
-                          errno == EMFILE || errno == ENFILE ? "agent is out of file descriptors"
-                                                             : strerror(errno));
-        return;
-    }
-    int rc = ssh_conn_start(d, sv[0], false);
-    if (rc < 0) {
+    int rc = 0;
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) < 0)
+        rc = -errno;
+    else if ((rc = ssh_conn_start(d, sv[0], false)) < 0)
         close(sv[1]);
-        mux_stream_reject(m, id, PROTO_CODE_INTERNAL, "cannot start an SSH session");
+    if (rc < 0) {
+        char why[128];
+        if (stream_out_of_fds(rc))
+            snprintf(why, sizeof(why), "%s", STREAM_OUT_OF_FDS);
+        else
+            snprintf(why, sizeof(why), "cannot start an SSH session: %s", strerror(-rc));
+        log_warn("stream %u: ssh refused: %s", id, why);
+        mux_stream_reject(m, id, PROTO_CODE_INTERNAL, why);
         return;
     }
     rc = portfwd_attach_fd(pf, m, id, sv[1]);

@@ -6,8 +6,22 @@
 #ifndef TETHER_AGENT_STREAM_H
 #define TETHER_AGENT_STREAM_H
 
+#include <errno.h>
+#include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+
+/*
+ * The reason given when a stream is refused because the agent has no descriptor left:
+ * the same words for every kind, so a user can tell it from a refusal by the target.
+ */
+#define STREAM_OUT_OF_FDS "agent is out of file descriptors"
+
+/* True for a negative error code (errno or libuv's) that means the descriptor limit. */
+static inline bool stream_out_of_fds(int rc)
+{
+    return rc == -EMFILE || rc == -ENFILE;
+}
 
 struct stream_ops {
     /* DATA from the peer; report drained bytes with mux_stream_consumed. */
