@@ -359,6 +359,12 @@ static int parse_pty_query(struct lws *wsi, struct route_pty_query *q, char *why
  */
 #define WEB_TOKEN_MAX 1024u
 #define WEB_BODY_MAX 4096u
+/*
+ * A login form's whole body must arrive within this long of its headers. lws's own content
+ * timeout (5 s) starts again with every piece, so a byte every few seconds would hold the
+ * connection for as long as the client likes.
+ */
+#define WEB_BODY_TIMEOUT_MS 10000u
 #define WEB_COOKIE_MAX_AGE "2592000" /* 30 days */
 #define WEB_HEAD_MAX (LWS_PRE + 6144u)
 
@@ -373,6 +379,7 @@ static const char web_no_assets[] =
 /* A POST to /w/NAME/login being read. */
 struct web_login {
     char name[TOKENS_MAX_NAME + 1];
+    uint64_t deadline; /* uv_now() by which the body must be complete */
     char body[WEB_BODY_MAX + 1];
     size_t len;
     bool too_big;
@@ -555,9 +562,10 @@ static int web_login_done(struct relay *r, struct lws *wsi, struct web_login *l)
     return rc;
 }
 
+/* pss may be NULL: see LWS_CALLBACK_CLOSED_HTTP in relay_callback. */
 static void web_login_free(struct relay_pss *pss)
 {
-    if (pss->kind != PSS_LOGIN)
+    if (!pss || pss->kind != PSS_LOGIN)
         return;
     struct web_login *l = pss->obj;
     memset(l, 0, sizeof(*l));
@@ -589,6 +597,7 @@ static int serve_web(struct relay *r, struct lws *wsi, struct relay_pss *pss, co
         if (!l)
             return -1;
         snprintf(l->name, sizeof(l->name), "%s", name);
+        l->deadline = uv_now(r->loop) + WEB_BODY_TIMEOUT_MS;
         web_login_free(pss);
         pss->kind = PSS_LOGIN;
         pss->obj = l;
@@ -766,6 +775,35 @@ static int serve_logs(struct lws *wsi, const struct relay_workspace *w)
         return http_error(wsi, 400, why);
     return http_json(
         wsi, logring_json(&w->status.logs, after, RELAY_LOGS_REPLY_LINES, RELAY_LOGS_REPLY_TEXT));
+}
+
+/* Did the request announce a body (a Content-Length other than 0, or a Transfer-Encoding)? */
+static bool http_has_body(struct lws *wsi)
+{
+    char cl[32] = "";
+    if (lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_TRANSFER_ENCODING) > 0)
+        return true;
+    int n = lws_hdr_total_length(wsi, WSI_TOKEN_HTTP_CONTENT_LENGTH);
+    if (n <= 0)
+        return false;
+    if (n >= (int)sizeof(cl) ||
+        lws_hdr_copy(wsi, cl, sizeof(cl), WSI_TOKEN_HTTP_CONTENT_LENGTH) <= 0)
+        return true;
+    return cl[strspn(cl, "0")] != '\0';
+}
+
+/*
+ * Ends a request answered without reading its body. lws would discard such a body (a POST
+ * to the JSON API, a login body over WEB_BODY_MAX, a chunked one) piece by piece, each piece
+ * restarting its content timeout, so a client sending a byte every few seconds could hold
+ * the connection for ever: close it once the answer is out instead. Returns what the lws
+ * callback returns.
+ */
+static int http_finish_unread(struct lws *wsi)
+{
+    if (http_has_body(wsi))
+        return -1;
+    return lws_http_transaction_completed(wsi) ? -1 : 0;
 }
 
 static int serve_http(struct relay *r, struct lws *wsi, const char *uri)
@@ -1656,11 +1694,16 @@ static int relay_callback(struct lws *wsi, enum lws_callback_reasons reason, voi
             rc = serve_http(r, wsi, in);
         if (rc < 0)
             return -1;
-        return lws_http_transaction_completed(wsi) ? -1 : 0;
+        return http_finish_unread(wsi);
     }
     case LWS_CALLBACK_HTTP_BODY:
         if (pss->kind == PSS_LOGIN) {
             struct web_login *l = pss->obj;
+            if (uv_now(r->loop) > l->deadline) {
+                log_info("web login: the form's body took over %u ms: connection dropped",
+                         WEB_BODY_TIMEOUT_MS);
+                return -1;
+            }
             if (len > WEB_BODY_MAX - l->len)
                 l->too_big = true;
             else {
@@ -1680,6 +1723,8 @@ static int relay_callback(struct lws *wsi, enum lws_callback_reasons reason, voi
         }
         return lws_callback_http_dummy(wsi, reason, user, in, len);
     case LWS_CALLBACK_CLOSED_HTTP:
+        /* lws allocates the per-session data only when a request's headers are complete: a
+         * connection that times out before that (slowloris) comes here with pss NULL. */
         web_login_free(pss);
         return lws_callback_http_dummy(wsi, reason, user, in, len);
     case LWS_CALLBACK_HTTP_CONFIRM_UPGRADE:
@@ -1710,6 +1755,8 @@ static int relay_callback(struct lws *wsi, enum lws_callback_reasons reason, voi
             return client_writable(r, pss->obj);
         return 0;
     case LWS_CALLBACK_CLOSED:
+        if (!pss)
+            return 0;
         if (pss->kind == PSS_AGENT)
             agent_closed(r, pss->obj);
         else if (pss->kind == PSS_CLIENT)
