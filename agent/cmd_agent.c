@@ -28,6 +28,9 @@ static const char agent_usage[] =
     "                             authenticate with a key from --authorized-keys or the\n"
     "                             manifest (never a password); off by default\n"
     "  --authorized-keys FILE     public keys (OpenSSH format) for --ssh-listen\n"
+    "  --ssh-login-grace DURATION close an SSH connection not authenticated after this\n"
+    "                             long (default 30s; 1s..10m); at most 64 local ones\n"
+    "                             may be unauthenticated at once\n"
     "  --pty-ttl DURATION         end a reconnecting PTY nobody is attached to after this\n"
     "                             long (default 5m)\n"
     "  --pty-replay BYTES         output kept per PTY for reattaching clients (default\n"
@@ -192,6 +195,7 @@ int cmd_agent(int argc, char **argv)
                                          {"sftp-server", required_argument, NULL, 'F'},
                                          {"ssh-listen", required_argument, NULL, 'l'},
                                          {"authorized-keys", required_argument, NULL, 'K'},
+                                         {"ssh-login-grace", required_argument, NULL, 'g'},
                                          {"ssh-accept-env", required_argument, NULL, 'E'},
                                          {"pty-ttl", required_argument, NULL, 'P'},
                                          {"pty-replay", required_argument, NULL, 'R'},
@@ -283,6 +287,14 @@ int cmd_agent(int argc, char **argv)
         }
         if (c == 'K') {
             sc.authorized_keys = optarg;
+            continue;
+        }
+        if (c == 'g') {
+            if (cli_duration_ms(optarg, &sc.login_grace_ms) < 0 || sc.login_grace_ms < 1000 ||
+                sc.login_grace_ms > 600000) {
+                cli_error("bad --ssh-login-grace '%s' (e.g. 30s, 2m; from 1s to 10m)", optarg);
+                return EXIT_USAGE;
+            }
             continue;
         }
         if (c == 'F') {

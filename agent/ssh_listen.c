@@ -107,8 +107,10 @@ int ssh_auth_pubkey(ssh_session s, const char *user, struct ssh_key_struct *key,
         return SSH_AUTH_DENIED;
     }
     /* STATE_NONE asks whether the key would do; VALID carries a checked signature. */
-    if (state == SSH_PUBLICKEY_STATE_VALID)
+    if (state == SSH_PUBLICKEY_STATE_VALID) {
         log_info("ssh: local login as %s with an authorized key", user);
+        ssh_conn_authenticated(c);
+    }
     return SSH_AUTH_SUCCESS;
 }
 
@@ -121,6 +123,17 @@ static void on_listen_ready(uv_poll_t *h, int status, int events)
     int fd = accept4(d->listen_fd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
     if (fd < 0)
         return;
+    if (d->unauthenticated >= SSHD_MAX_UNAUTHENTICATED) {
+        /* Like OpenSSH's MaxStartups: the ones in their grace time are enough. One log
+         * line per burst, not one per connection. */
+        if (!d->refusing_unauthenticated)
+            log_warn("ssh: local connections refused while %d are not authenticated yet",
+                     SSHD_MAX_UNAUTHENTICATED);
+        d->refusing_unauthenticated = true;
+        close(fd);
+        return;
+    }
+    d->refusing_unauthenticated = false;
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
     if (ssh_conn_start(d, fd, true) < 0)

@@ -267,6 +267,7 @@ static int auth_none(ssh_session s, const char *user, void *ud)
         return SSH_AUTH_DENIED; /* the local listener takes public keys only */
     /* The relay authenticated whoever opened this tunnel stream. */
     log_debug("ssh: session for %s over the tunnel", user);
+    ssh_conn_authenticated(c);
     return SSH_AUTH_SUCCESS;
 }
 
@@ -348,12 +349,43 @@ static void on_poll_closed(uv_handle_t *h)
     ssh_conn_unref(c);
 }
 
+static void on_login_timer_closed(uv_handle_t *h)
+{
+    ssh_conn_unref(h->data);
+}
+
+void ssh_conn_authenticated(struct ssh_conn *c)
+{
+    if (!c->login_pending)
+        return;
+    c->login_pending = false;
+    if (c->local)
+        c->d->unauthenticated--;
+    uv_timer_stop(&c->login_timer);
+}
+
+static uint64_t login_grace_ms(const struct sshd *d)
+{
+    return d->cfg->login_grace_ms ? d->cfg->login_grace_ms : SSHD_LOGIN_GRACE_MS;
+}
+
+static void on_login_timeout(uv_timer_t *t)
+{
+    struct ssh_conn *c = t->data;
+    log_info("ssh: a %s connection was not authenticated within %llu ms: closed",
+             c->local ? "local" : "tunnel", (unsigned long long)login_grace_ms(c->d));
+    c->dead = true;
+    ssh_conn_after_io(c);
+}
+
 /* Ends the connection: every channel hangs up; freed once all handles are closed. */
 static void conn_teardown(struct ssh_conn *c)
 {
     if (c->closing)
         return;
     c->closing = true;
+    ssh_conn_authenticated(c); /* stops the grace timer and the count */
+    uv_close((uv_handle_t *)&c->login_timer, on_login_timer_closed);
     ssh_forward_close_all(c);
     while (c->chans) {
         struct ssh_chan *ch = c->chans;
@@ -481,9 +513,15 @@ int ssh_conn_start(struct sshd *d, int fd, bool local)
         return rc;
     }
     c->poll.data = c;
-    c->refs = 1;
+    uv_timer_init(d->loop, &c->login_timer);
+    c->login_timer.data = c;
+    c->refs = 2; /* the poll and the login timer */
     c->next = d->conns;
     d->conns = c;
+    c->login_pending = true;
+    if (local)
+        d->unauthenticated++;
+    uv_timer_start(&c->login_timer, on_login_timeout, login_grace_ms(d), 0);
     c->poll_events = UV_READABLE;
     uv_poll_start(&c->poll, UV_READABLE, on_conn_poll);
     ssh_conn_pump(c); /* sends our version string */

@@ -41,6 +41,11 @@ enum sshd_session_type {
 #define SSHD_CHILD_NICE_DELTA 5
 #define SSHD_CHILD_OOM_ADJ_DELTA 100
 
+/* The default login grace time, and how many connections may be unauthenticated at once
+ * (more are closed at accept: a flood of silent connections cannot take every fd). */
+#define SSHD_LOGIN_GRACE_MS 30000u
+#define SSHD_MAX_UNAUTHENTICATED 64
+
 struct sshd_config {
     const char *state_dir;   /* the host key lives here (created 0700 if missing) */
     const char *sftp_server; /* an external sftp-server to run; NULL: the built-in one */
@@ -50,6 +55,9 @@ struct sshd_config {
     const char *listen_host;
     int listen_port;
     const char *authorized_keys;
+    /* A connection not authenticated this long after it was accepted is closed (OpenSSH's
+     * LoginGraceTime); 0: SSHD_LOGIN_GRACE_MS. */
+    uint64_t login_grace_ms;
     /* Environment names a client may set, NULL-terminated; "LC_*" style prefixes allowed.
      * NULL: SSHD_DEFAULT_ENV_ALLOW. */
     const char *const *env_allow;

@@ -50,6 +50,8 @@ struct sshd {
     int listen_fd; /* the local listener, -1 without one */
     int listen_port;
     struct ssh_conn *conns;
+    unsigned unauthenticated;      /* local connections whose login grace timer runs */
+    bool refusing_unauthenticated; /* the last local connection was refused for it */
     unsigned sessions[SSHD_TYPE_COUNT];
     uv_timer_t grace; /* sshd_free: children had SIGHUP; SIGKILL for those still there */
     uint64_t grace_deadline;
@@ -158,11 +160,13 @@ struct ssh_conn {
     int poll_fd; /* a duplicate: libssh closes its own fd on errors */
     int poll_events;
     bool kex_done;
-    bool local;    /* from the local listener: public-key auth required */
-    bool dead;     /* the SSH connection is over: tear down */
-    bool closing;  /* teardown started */
-    int in_io;     /* nesting depth of our own calls into libssh */
-    unsigned refs; /* the poll handle + every channel object still alive */
+    uv_timer_t login_timer; /* runs until the client authenticates (login grace time) */
+    bool login_pending;     /* the timer runs: counted in sshd's unauthenticated */
+    bool local;             /* from the local listener: public-key auth required */
+    bool dead;              /* the SSH connection is over: tear down */
+    bool closing;           /* teardown started */
+    int in_io;              /* nesting depth of our own calls into libssh */
+    unsigned refs;          /* the poll handle + every channel object still alive */
     struct ssh_chan *chans;
     unsigned nchans;
     struct ssh_listener *listeners;
@@ -178,6 +182,8 @@ void ssh_conn_pump(struct ssh_conn *c);
 void ssh_conn_after_io(struct ssh_conn *c);
 /* A channel object went away. */
 void ssh_conn_unref(struct ssh_conn *c);
+/* The client authenticated: its login grace timer stops. */
+void ssh_conn_authenticated(struct ssh_conn *c);
 
 /* ssh_session.c: a new session channel for libssh's channel-open callback (NULL = refuse). */
 ssh_channel ssh_chan_open(struct ssh_conn *c);

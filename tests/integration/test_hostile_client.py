@@ -55,8 +55,8 @@ import websockets
 import websockets.exceptions
 
 import tetherproto as tp
-from conftest import (TcpServer, echo_roundtrip, free_port, proc_rss_kib, wait_until,
-                      write_private)
+from conftest import (TcpServer, connection_closed, echo_roundtrip, free_port, proc_rss_kib,
+                      wait_until, write_private)
 from wspeer import Peer
 
 MiB = 1024 * 1024
@@ -1452,29 +1452,31 @@ def test_agent_ws_client_attacks(harness, name, make):
 
 
 # The agent's own SSH listener (--ssh-listen) faces whoever can reach it, before any key is
-# checked. Key-only authentication needs no time for a human to type: 30 s is plenty (OpenSSH
-# allows 120 s, LoginGraceTime, for passwords).
-SSH_LOGIN_GRACE_S = 30
+# checked. Key-only authentication needs no time for a human to type: the default grace is
+# 30 s (OpenSSH allows 120 s, LoginGraceTime, for passwords); these tests use 3 s.
+SSH_LOGIN_GRACE_S = 3
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "agent/sshd.c has no login grace time: a connection to --ssh-listen that never finishes "
-    "its SSH handshake (silent, or half a banner) is held for ever (measured: still open "
-    "after 75 s). Proposed: tear down a connection not authenticated within "
-    "SSHD_LOGIN_GRACE_MS (30 s)"))
-def test_agent_ssh_listen_slowloris(harness, tmp_path):
-    """20 silent connections and 20 that send half an SSH banner to the agent's
-    --ssh-listen port: all closed within SSH_LOGIN_GRACE_S; a full SSH banner still gets
-    the server's banner meanwhile."""
+def ssh_listen_agent(harness, tmp_path):
+    """An agent with --ssh-listen (grace SSH_LOGIN_GRACE_S) and no relay; its port."""
     port = free_port()
     keys = write_private(tmp_path / "authorized_keys", "")
-    harness.agent(None, "alpha", wait=False, url="ws://127.0.0.1:%d" % free_port(),
-                  extra=["--ssh-listen", "127.0.0.1:%d" % port, "--authorized-keys", keys])
+    agent = harness.agent(None, "alpha", wait=False, url="ws://127.0.0.1:%d" % free_port(),
+                          extra=["--ssh-listen", "127.0.0.1:%d" % port, "--authorized-keys",
+                                 keys, "--ssh-login-grace", "%ds" % SSH_LOGIN_GRACE_S])
 
     def listening():
         with socket.create_connection(("127.0.0.1", port), timeout=2):
             return True
     wait_until(listening, timeout=15, what="the agent's SSH listener")
+    return agent, port
+
+
+def test_agent_ssh_listen_slowloris(harness, tmp_path):
+    """20 silent connections and 20 that send half an SSH banner to the agent's
+    --ssh-listen port: all closed within SSH_LOGIN_GRACE_S; a full SSH banner still gets
+    the server's banner meanwhile."""
+    agent, port = ssh_listen_agent(harness, tmp_path)
     sel = selectors.DefaultSelector()
     socks = []
     for i in range(40):
@@ -1507,5 +1509,51 @@ def test_agent_ssh_listen_slowloris(harness, tmp_path):
         for s in socks:
             s.close()
         sel.close()
+    took = time.monotonic() - t0
     assert closed == len(socks), "%d of %d unauthenticated SSH connections still open after " \
-        "%.0fs" % (len(socks) - closed, len(socks), time.monotonic() - t0)
+        "%.0fs" % (len(socks) - closed, len(socks), took)
+    assert took >= SSH_LOGIN_GRACE_S - 1, "closed after %.1fs, before the grace time" % took
+    wait_until(lambda: "not authenticated within 3000 ms" in agent.stderr(), timeout=10,
+               what="the agent to log why it closed them")
+    assert agent.alive(), agent.describe()
+
+
+def test_agent_ssh_listen_caps_unauthenticated_connections(harness, tmp_path):
+    """Past SSHD_MAX_UNAUTHENTICATED (64) silent connections at once, the next are closed at
+    accept with one log line per burst; once the grace time has closed the others, a new
+    connection is served again."""
+    agent, port = ssh_listen_agent(harness, tmp_path)
+    socks = []
+    try:
+        for _ in range(64):
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        # Each held one has had the server's banner: all 64 are accepted and being served.
+        for s in socks:
+            s.settimeout(10)
+            assert s.recv(100).startswith(b"SSH-2.0-")
+        extra = [socket.create_connection(("127.0.0.1", port), timeout=10) for _ in range(6)]
+        for s in extra:
+            assert connection_closed(s, timeout=10), "the 65th and later were not refused"
+            s.close()
+        log = agent.stderr()
+        assert log.count("local connections refused while 64 are not authenticated") == 1, log
+        for s in socks:
+            assert connection_closed(s, timeout=SSH_LOGIN_GRACE_S + 10)
+    finally:
+        for s in socks:
+            s.close()
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as probe:
+        probe.sendall(b"SSH-2.0-probe\r\n")
+        probe.settimeout(10)
+        assert probe.recv(100).startswith(b"SSH-2.0-")
+    assert agent.alive(), agent.describe()
+
+
+
+@pytest.mark.parametrize("value", ["0", "999ms", "11m", "abc", "-1s"])
+def test_ssh_login_grace_is_validated(harness, value):
+    r = harness.run("agent", "--url", "ws://127.0.0.1:1", "--token-file",
+                    harness.tokens.agent_file("alpha"), "--ssh-login-grace", value, timeout=30)
+    assert r.returncode == 2, (value, r.returncode, r.stderr)
+    assert r.stderr.strip() == "tether: bad --ssh-login-grace '%s' (e.g. 30s, 2m; from 1s to " \
+        "10m)" % value, r.stderr

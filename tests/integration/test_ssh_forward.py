@@ -246,7 +246,8 @@ def test_agent_forwarding_with_ssh_agent(env, tmp_path):
 
 @pytest.fixture
 def listener(ssh_env, tmp_path):
-    """An agent with --ssh-listen and an authorized_keys file holding one key."""
+    """An agent with --ssh-listen and an authorized_keys file holding one key; a login grace
+    time of 1 s, which authenticated sessions outlive."""
     keys = {}
     for name in ("good", "other", "restricted"):
         subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f",
@@ -257,7 +258,7 @@ def listener(ssh_env, tmp_path):
                   'command="echo restricted" ' + (tmp_path / "restricted.pub").read_text())
     port = free_port()
     ssh_env.restart_agent(extra=["--ssh-listen", "127.0.0.1:%d" % port,
-                                 "--authorized-keys", str(ak)])
+                                 "--authorized-keys", str(ak), "--ssh-login-grace", "1s"])
     wait_port(port)
     return ssh_env, port, keys
 
@@ -278,6 +279,16 @@ def test_local_listener_accepts_an_authorized_key(listener):
     r = local_ssh(port, keys["good"], user=env.user)
     assert r.returncode == 0, r.stderr
     assert r.stdout == b"local-ok\n"
+
+
+def test_authenticated_sessions_outlive_the_login_grace_time(listener):
+    env, port, keys = listener
+    r = local_ssh(port, keys["good"], user=env.user, cmd="sleep 2.5; echo local-ok")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"local-ok\n"
+    r = env.ssh("sleep 2.5; echo via-tunnel")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout == b"via-tunnel\n"
 
 
 def test_local_listener_refuses_other_keys_and_options_lines(listener):
