@@ -49,6 +49,10 @@ int wsctx_create(struct wsctx *w, const struct wsctx_config *cfg, char *err, siz
     info.retry_and_idle_policy = &no_lws_keepalive;
     /* Every socket read lands here first: 4 KiB (lws's default) means a syscall per 4 KiB. */
     info.pt_serv_buf_size = WSCTX_READ_BUF;
+    /* Request headers of modest size: a bearer token, and a /pty URI whose command may take
+     * 4096 bytes (PROTOCOL.md §14.7; lws keeps the URI decoded). lws 4.1 reads this limit
+     * from the context only: on a vhost's info it is ignored. */
+    info.max_http_header_data = WSCTX_MAX_HEADER_DATA;
     w->ctx = lws_create_context(&info);
     if (!w->ctx) {
         snprintf(err, errlen,
@@ -89,9 +93,6 @@ int wsctx_create(struct wsctx *w, const struct wsctx_config *cfg, char *err, siz
         si.ssl_private_key_filepath = s->tls_key;
         if (s->tls_cert)
             si.options |= LWS_SERVER_OPTION_DO_SSL_GLOBAL_INIT;
-        /* Headers of modest size: a bearer token, and a /pty URI whose command may take
-         * 4096 bytes, percent-encoded (up to three times that). */
-        si.max_http_header_data = 16384;
         w->server_vhost = lws_create_vhost(w->ctx, &si);
         if (!w->server_vhost) {
             snprintf(err, errlen, "cannot listen on %s:%d (address in use, or bad TLS files?)",

@@ -56,6 +56,9 @@ void wsctx_kill(struct lws *wsi);
 
 /* The size of lws's per-thread read buffer: the most one socket read returns. */
 #define WSCTX_READ_BUF (256u * 1024)
+/* The most bytes of one request's headers lws keeps (decoded URI included); a request with
+ * more is dropped without an answer. */
+#define WSCTX_MAX_HEADER_DATA 16384
 
 /* The system's CA bundle used when no --ca-file is given. */
 #define WSCTX_SYSTEM_CA_FILE "/etc/ssl/certs/ca-certificates.crt"

@@ -15,8 +15,8 @@ The last section turns the generic websocket attacks on the other two positions:
 the relay's agent endpoint (with a valid agent token) and against the agent's websocket
 client (a raw TCP server that answers the upgrade and then misbehaves).
 
-What libwebsockets 4.1.6 does on its own (tunnel/wsctx.c sets none of these, so lws's
-defaults apply; read from lws's source and measured here):
+What libwebsockets 4.1.6 does on its own (tunnel/wsctx.c sets none of these but the header
+limit, so lws's defaults apply; read from lws's source and measured here):
   - a connection's request headers must be complete within timeout_secs_ah_idle = 10 s of
     the connection (PENDING_TIMEOUT_HOLDING_AH, set when the header table is attached at
     accept; bytes arriving do not extend it);
@@ -24,9 +24,9 @@ defaults apply; read from lws's source and measured here):
     the context's timeout_secs = 5 s, so a trickle of one byte a second never trips it (the
     relay bounds bodies itself, see test_slow_body_is_cut);
   - an idle keep-alive HTTP connection is closed after keepalive_timeout = 5 s;
-  - request headers are at most max_http_header_data = 4096 bytes (a CONTEXT option:
-    wsctx.c's 16384 on the server vhost's info is not read by lws 4.1); past that lws drops
-    the connection without an answer (no 414 or 431);
+  - request headers are at most max_http_header_data = 16384 bytes (WSCTX_MAX_HEADER_DATA,
+    set on the context: lws 4.1 ignores it on a vhost); past that lws drops the connection
+    without an answer (no 414 or 431);
   - an established websocket has no timeout (lws's validity check is pushed out to 65535 s;
     the tunnel has its own keepalive, and an idle client stream is the client's business);
   - malformed frames are answered by a close 1002 with lws's reason ("bad cont", "bad opc",

@@ -189,10 +189,10 @@ def test_open_carries_id_size_command_and_zlib(env):
 
 
 def test_open_long_multibyte_command(env):
-    """A 3000-byte UTF-8 command (9000 characters percent-encoded) arrives byte for byte.
-    (lws keeps at most 4 KiB of decoded request headers, see tunnel/wsctx.c, so commands
-    near PROTOCOL.md's 4096-byte limit do not fit yet.)"""
-    command = "\u00e9\u4e2d" * 600
+    """A command of PROTOCOL.md's most, 4096 bytes of UTF-8 (12,288 characters
+    percent-encoded), arrives byte for byte (lws's header limit, WSCTX_MAX_HEADER_DATA, is
+    16 KiB on the context)."""
+    command = "\u00e9\u4e2d" * 819 + "a"
 
     async def go():
         peer = await connect_agent(env)
@@ -201,7 +201,7 @@ def test_open_long_multibyte_command(env):
         await peer.ws.close()
         return side.open
     o = run(go())
-    assert len(o["command"]) == 3000 and o["command"] == command.encode("utf-8")
+    assert len(o["command"]) == 4096 and o["command"] == command.encode("utf-8")
 
 
 @pytest.mark.parametrize("raw_query,rows,cols,command", [
@@ -563,6 +563,8 @@ GOOD_ID = "123e4567-e89b-12d3-a456-426614174000"
     ("id=%s&rows=24&cols=8%%200" % GOOD_ID, "cols must be a decimal number"),
     ("id=%s&id=%s&rows=24&cols=80" % (GOOD_ID, GOOD_ID), "id is given twice"),
     ("id=%s&rows=24&cols=80&command=a&command=b" % GOOD_ID, "command is given twice"),
+    ("id=%s&rows=24&cols=80&command=%s" % (GOOD_ID, "%C3%A9" * 2048 + "a"),
+     "an argument is over 4104 bytes (command: at most 4096)"),
 ])
 def test_bad_query_400(env, q, why):
     status, body = raw_upgrade(env.relay, "/api/v1/workspaces/alpha/pty?" + q,
