@@ -1,7 +1,6 @@
 #include "devcontainer.h"
 
 #include <errno.h>
-#include <fcntl.h>
 #include <limits.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -11,6 +10,7 @@
 #include <unistd.h>
 
 #include "proto/logbatch.h"
+#include "tunnel/readfile.h"
 
 /* A command's name ends a log source "devcontainer:postAttachCommand:NAME" (the longer
  * hook), which must fit the protocol's source limit. */
@@ -720,60 +720,6 @@ struct devcontainer *devcontainer_parse(const char *text, size_t len, const char
     return dc;
 }
 
-/*
- * Reads a regular file of at most DEVCONTAINER_MAX_BYTES. Symlinks are followed (workspaces
- * link the file from elsewhere); O_NONBLOCK keeps a FIFO swapped in after the stat from
- * hanging the open, and the fstat checks what was actually opened.
- */
-static char *read_file(const char *path, size_t *len, char *err, size_t errlen)
-{
-    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK);
-    if (fd < 0) {
-        set_err(err, errlen, "%s: %s", path, strerror(errno));
-        return NULL;
-    }
-    char *buf = NULL;
-    struct stat st;
-    if (fstat(fd, &st) < 0) {
-        set_err(err, errlen, "%s: %s", path, strerror(errno));
-        goto fail;
-    }
-    if (!S_ISREG(st.st_mode) || st.st_size > (off_t)DEVCONTAINER_MAX_BYTES) {
-        set_err(err, errlen, "%s: changed while being opened", path);
-        goto fail;
-    }
-    size_t cap = (size_t)st.st_size + 1; /* one more byte tells a file that grew */
-    buf = malloc(cap);
-    if (!buf) {
-        set_err(err, errlen, "%s: out of memory", path);
-        goto fail;
-    }
-    size_t n = 0;
-    while (n < cap) {
-        ssize_t r = read(fd, buf + n, cap - n);
-        if (r < 0 && errno == EINTR)
-            continue;
-        if (r < 0) {
-            set_err(err, errlen, "%s: %s", path, strerror(errno));
-            goto fail;
-        }
-        if (r == 0)
-            break;
-        n += (size_t)r;
-    }
-    if (n == cap) {
-        set_err(err, errlen, "%s: changed while being read", path);
-        goto fail;
-    }
-    close(fd);
-    *len = n;
-    return buf;
-fail:
-    free(buf);
-    close(fd);
-    return NULL;
-}
-
 int devcontainer_load(const char *workspace_dir, char *const *envp, struct devcontainer **out,
                       char *err, size_t errlen)
 {
@@ -806,8 +752,9 @@ int devcontainer_load(const char *workspace_dir, char *const *envp, struct devco
                     DEVCONTAINER_MAX_BYTES);
             return -1;
         }
+        /* Symlinks are followed: workspaces link the file from elsewhere. */
         size_t len;
-        char *text = read_file(path, &len, err, errlen);
+        char *text = readfile_bounded(path, DEVCONTAINER_MAX_BYTES, &len, err, errlen);
         if (!text)
             return -1;
         char reason[512];

@@ -11,7 +11,6 @@
  */
 #include <arpa/inet.h>
 #include <errno.h>
-#include <fcntl.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <stdio.h>
@@ -22,6 +21,7 @@
 
 #include "sshd_int.h"
 #include "tunnel/log.h"
+#include "tunnel/readfile.h"
 
 /* Does one authorized_keys line hold key? Lines with options never match. */
 static bool line_matches(const char *line, const ssh_key key, const char *where)
@@ -48,21 +48,13 @@ static bool line_matches(const char *line, const ssh_key key, const char *where)
 
 static bool file_has_key(const char *path, const ssh_key key)
 {
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        log_warn("ssh: cannot read %s: %s", path, strerror(errno));
+    char why[512];
+    size_t len;
+    char *buf = readfile_bounded(path, SSHD_AUTHORIZED_KEYS_MAX, &len, why, sizeof(why));
+    if (!buf) {
+        log_warn("ssh: authorized keys: %s", why);
         return false;
     }
-    char *buf = malloc(SSHD_AUTHORIZED_KEYS_MAX + 1);
-    size_t len = 0;
-    ssize_t n;
-    while (buf && len < SSHD_AUTHORIZED_KEYS_MAX &&
-           (n = read(fd, buf + len, SSHD_AUTHORIZED_KEYS_MAX - len)) > 0)
-        len += (size_t)n;
-    close(fd);
-    if (!buf)
-        return false;
-    buf[len] = '\0';
     bool found = false;
     for (char *line = buf, *next; line && *line && !found; line = next) {
         next = strchr(line, '\n');

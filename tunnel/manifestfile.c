@@ -1,14 +1,11 @@
 #include "manifestfile.h"
 
-#include <errno.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
 #include "proto/proto.h"
+#include "readfile.h"
 
 struct manifestfile {
     json_t *root; /* checked: "*" and workspace names -> objects of the members below */
@@ -24,45 +21,6 @@ static const char *const members[] = {
 #define MANIFEST_FIXED_MAX                                                                         \
     (sizeof("{\"type\":\"manifest\",\"workspace\":\"\",\"stats_interval\":}") + TOKENS_MAX_NAME +  \
      20)
-
-/* Reads at most MANIFESTFILE_MAX bytes of path into a new NUL-terminated buffer. */
-static char *read_file(const char *path, size_t *len, char *err, size_t errlen)
-{
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
-    if (fd < 0) {
-        snprintf(err, errlen, "cannot open manifest file %s: %s", path, strerror(errno));
-        return NULL;
-    }
-    char *buf = malloc(MANIFESTFILE_MAX + 1);
-    size_t got = 0;
-    while (buf && got <= MANIFESTFILE_MAX) {
-        ssize_t n = read(fd, buf + got, MANIFESTFILE_MAX + 1 - got);
-        if (n < 0 && errno == EINTR)
-            continue;
-        if (n < 0) {
-            snprintf(err, errlen, "cannot read manifest file %s: %s", path, strerror(errno));
-            free(buf);
-            close(fd);
-            return NULL;
-        }
-        if (n == 0)
-            break;
-        got += (size_t)n;
-    }
-    close(fd);
-    if (!buf) {
-        snprintf(err, errlen, "out of memory");
-        return NULL;
-    }
-    if (got > MANIFESTFILE_MAX) {
-        snprintf(err, errlen, "manifest file %s is larger than %u bytes", path, MANIFESTFILE_MAX);
-        free(buf);
-        return NULL;
-    }
-    buf[got] = '\0';
-    *len = got;
-    return buf;
-}
 
 /* Bytes of v's compact JSON, as mux_send_control will write it. */
 static size_t dump_size(const json_t *v)
@@ -209,9 +167,12 @@ struct manifestfile *manifestfile_load(const char *path, const struct tokens *to
                                        size_t errlen)
 {
     size_t len;
-    char *text = read_file(path, &len, err, errlen);
-    if (!text)
+    char why[512];
+    char *text = readfile_bounded(path, MANIFESTFILE_MAX, &len, why, sizeof(why));
+    if (!text) {
+        snprintf(err, errlen, "manifest file: %s", why);
         return NULL;
+    }
     json_error_t jerr;
     json_t *root = json_loadb(text, len, JSON_REJECT_DUPLICATES, &jerr);
     free(text);

@@ -31,7 +31,7 @@ targets=(
     "fuzz_control: tests/fuzz/fuzz_control.c proto/proto.c"
     "fuzz_logbatch: tests/fuzz/fuzz_logbatch.c proto/logbatch.c proto/proto.c"
     "fuzz_route: tests/fuzz/fuzz_route.c tunnel/route.c tunnel/tokens.c"
-    "fuzz_devcontainer: tests/fuzz/fuzz_devcontainer.c agent/devcontainer.c"
+    "fuzz_devcontainer: tests/fuzz/fuzz_devcontainer.c agent/devcontainer.c tunnel/readfile.c"
 )
 if [ -f tests/fuzz/fuzz_mux.c ]; then
     targets+=("fuzz_mux: tests/fuzz/fuzz_mux.c tunnel/mux.c proto/proto.c")
