@@ -946,3 +946,77 @@ def ssh_module_env(request, tether_bin, tmp_path_factory):
         yield SshEnv(Harness(tether_bin, procs, Tokens(tmp / "tokens")), tmp / "ssh")
     finally:
         procs.cleanup()
+
+
+# ---------------------------------------------------------------------------------------
+# what /proc and `env` say
+
+
+def env_lines(stdout):
+    """The NAME=value lines of `env` output (CRs from a PTY dropped) as a dict."""
+    out = {}
+    for line in stdout.decode("utf-8", "replace").replace("\r", "").splitlines():
+        name, eq, value = line.partition("=")
+        if eq and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+            out[name] = value
+    return out
+
+
+def can_unshare_pid():
+    """Root, and unshare --pid --fork works here (a private PID namespace)."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return False
+    r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
+                       capture_output=True, timeout=10)
+    return r.returncode == 0
+
+
+def children_of(ppid):
+    """[(pid, state)] of the processes whose parent is ppid."""
+    out = []
+    for d in os.listdir("/proc"):
+        if not d.isdigit():
+            continue
+        try:
+            with open("/proc/%s/stat" % d) as f:
+                stat = f.read()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == ppid:
+            out.append((int(d), fields[0]))
+    return out
+
+
+# ---------------------------------------------------------------------------------------
+# sanitizers: under an ASan+UBSan build (tests/run sets TETHER_SANITIZER_LOGS and points
+# ASAN_OPTIONS/UBSAN_OPTIONS' log_path into it), a report written while a test ran fails
+# that test, with the report. tests/run counts every report again at the end, so one that
+# a module-scoped process writes late is not lost.
+
+SANITIZER_LOGS = os.environ.get("TETHER_SANITIZER_LOGS")
+
+
+def sanitizer_reports(names=None):
+    """{file name: text} of the reports in TETHER_SANITIZER_LOGS (only names, if given)."""
+    if not SANITIZER_LOGS or not os.path.isdir(SANITIZER_LOGS):
+        return {}
+    out = {}
+    for n in sorted(os.listdir(SANITIZER_LOGS)):
+        if names is None or n in names:
+            with open(os.path.join(SANITIZER_LOGS, n), "rb") as f:
+                out[n] = f.read(20000).decode("utf-8", "replace")
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_sanitizer_reports():
+    if not SANITIZER_LOGS:
+        yield
+        return
+    before = set(sanitizer_reports())
+    yield
+    new = {n: t for n, t in sanitizer_reports().items() if n not in before}
+    if new:
+        pytest.fail("sanitizer reports while this test ran:\n" + "\n".join(
+            "--- %s ---\n%s" % (n, t) for n, t in new.items()), pytrace=False)

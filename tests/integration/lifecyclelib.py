@@ -3,10 +3,11 @@ second half): a relay and an agent for workspace alpha started with the options 
 needs, the relay's /logs read page by page, the agent's "lifecycle: STATE" lines, OpenSSH
 sessions through `tether ssh-proxy`, and PTYs through the relay's websocket."""
 import asyncio
+import contextlib
 import json
 import os
 import re
-import shutil
+import signal
 import subprocess
 import time
 import urllib.parse
@@ -275,16 +276,6 @@ class Workspace:
         return asyncio.run(asyncio.wait_for(go(), timeout))
 
 
-def ssh_env_lines(stdout):
-    """NAME=value lines of `env` output (CRs of a PTY dropped) as a dict."""
-    out = {}
-    for line in stdout.decode("utf-8", "replace").replace("\r", "").splitlines():
-        name, eq, value = line.partition("=")
-        if eq and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            out[name] = value
-    return out
-
-
 def assert_forward_only(states):
     """States never go backwards in the partial order (and never repeat)."""
     for a, b in zip(states, states[1:]):
@@ -303,27 +294,20 @@ def script_file(path, text):
     return path
 
 
-def can_unshare_pid():
-    """Root, and unshare --pid --fork works here (a private PID namespace)."""
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        return False
-    r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
-                       capture_output=True, timeout=10)
-    return r.returncode == 0
-
-
-def children_of(ppid):
-    """[(pid, state)] of the processes whose parent is ppid."""
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            with open("/proc/%s/stat" % d) as f:
-                stat = f.read()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == ppid:
-            out.append((int(d), fields[0]))
-    return out
+@contextlib.contextmanager
+def relay_stopped_during_script(ws, tmp_path, body, timeout):
+    """Starts ws's agent with a startup script that waits for a GO file, runs body (shell)
+    and touches DONE; once the agent is connected, stops the relay (SIGSTOP), lets the
+    script run to its end (within timeout) and yields with the relay still stopped. The
+    relay gets SIGCONT on the way out, whatever happened."""
+    go, done = Path(tmp_path) / "GO", Path(tmp_path) / "DONE"
+    ws.start_agent(["--startup-script", "while [ ! -e %s ]; do sleep 0.05; done; %s; touch %s"
+                    % (go, body, done)])
+    wait_until(lambda: ws.relay.connected(ws.name), timeout=20, what="the agent to connect")
+    os.kill(ws.relay.proc.pid, signal.SIGSTOP)
+    try:
+        go.touch()
+        wait_until(done.exists, timeout=timeout, what="the script's output")
+        yield
+    finally:
+        os.kill(ws.relay.proc.pid, signal.SIGCONT)

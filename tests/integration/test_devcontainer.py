@@ -8,8 +8,8 @@ import time
 
 import pytest
 
-from conftest import wait_until
-from lifecyclelib import Workspace, ssh_env_lines, write_manifest
+from conftest import env_lines, wait_until
+from lifecyclelib import Workspace, write_manifest
 
 # JSON with comments (line and block, one with a "//" inside a string that must stay) and
 # trailing commas in objects and arrays. %(...)s are filled per test.
@@ -84,7 +84,7 @@ def test_remote_env_is_in_ssh_env(dc):
     dc.wait_lifecycle("ready")
     r = dc.ssh("env", timeout=60)
     assert r.returncode == 0, r.stderr
-    env = ssh_env_lines(r.stdout)
+    env = env_lines(r.stdout)
     assert env.get("TETHER_DC_VAR") == "remote-value", env
     assert env.get("TETHER_DC_URL") == "http://example.invalid/a//b", env
     assert env.get("TETHER_DC_SUB") == "from-agent-x", env
@@ -92,9 +92,9 @@ def test_remote_env_is_in_ssh_env(dc):
     # With a PTY too (ssh -tt), and in a PTY through the relay.
     r = dc.ssh("env", tty=True, timeout=60)
     assert r.returncode == 0, r.stderr
-    assert ssh_env_lines(r.stdout).get("TETHER_DC_VAR") == "remote-value"
+    assert env_lines(r.stdout).get("TETHER_DC_VAR") == "remote-value"
     out, texts, code = dc.pty_run("env; exit 0")
-    assert ssh_env_lines(out).get("TETHER_DC_VAR") == "remote-value", out
+    assert env_lines(out).get("TETHER_DC_VAR") == "remote-value", out
     assert texts == ['{"exit":0}'], texts
 
 

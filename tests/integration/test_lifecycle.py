@@ -12,9 +12,9 @@ import time
 
 import pytest
 
-from conftest import wait_until
-from lifecyclelib import (WAIT_NOTICE, Workspace, assert_forward_only, can_unshare_pid,
-                          children_of, now_ms, pid_gone, read_pid, write_manifest)
+from conftest import can_unshare_pid, children_of, wait_until
+from lifecyclelib import (WAIT_NOTICE, Workspace, assert_forward_only, now_ms, pid_gone, read_pid,
+                          write_manifest)
 
 
 def good_agent_args(ws, script, *more):

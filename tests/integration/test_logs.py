@@ -10,7 +10,8 @@ import time
 import pytest
 
 from conftest import ONLY_A, proc_rss_kib, wait_until
-from lifecyclelib import Workspace, now_ms, pid_gone, read_pid, script_file
+from lifecyclelib import (Workspace, now_ms, pid_gone, read_pid, relay_stopped_during_script,
+                          script_file)
 
 MiB = 1024 * 1024
 
@@ -350,21 +351,11 @@ def test_a_relay_too_slow_for_the_logs_costs_lines_with_a_marker_not_silently(ha
     """The relay stops reading (SIGSTOP) while the tunnel stays up and scripts write 24 MB:
     the agent holds batches up to its backlog, drops the rest with a marker of its own, and
     no batch is lost on the way (the relay sees no gap in their numbers)."""
-    import os
-    import signal
     ws = Workspace(harness, tmp_path, relay_extra=["--log-lines", "1000000"])
-    go, done = tmp_path / "GO", tmp_path / "DONE"
-    ws.start_agent(["--startup-script",
-                    "while [ ! -e %s ]; do sleep 0.05; done; for i in 1 2 3; do "
-                    "head -c 6000000 /dev/urandom | base64 -w 76; done; touch %s" % (go, done)])
-    wait_until(lambda: ws.relay.connected(ws.name), timeout=20, what="the agent to connect")
-    os.kill(ws.relay.proc.pid, signal.SIGSTOP)
-    try:
-        go.touch()
-        wait_until(done.exists, timeout=60, what="the script's output")
+    with relay_stopped_during_script(
+            ws, tmp_path, "for i in 1 2 3; do head -c 6000000 /dev/urandom | base64 -w 76; done",
+            timeout=60):
         time.sleep(3)
-    finally:
-        os.kill(ws.relay.proc.pid, signal.SIGCONT)
     ws.wait_lifecycle("ready", timeout=60)
 
     def marker(lines):

@@ -1,41 +1,14 @@
 """The agent as PID 1 (as in a container, under `unshare --pid --fork`): processes orphaned
 by sessions are re-parented to it and must be collected, or they stay zombies."""
-import os
-import shutil
 import subprocess
 import time
 
 import pytest
 
-from conftest import wait_until
-
-
-def can_unshare_pid():
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        return False
-    r = subprocess.run(["unshare", "--pid", "--fork", "--mount-proc", "true"],
-                       capture_output=True, timeout=10)
-    return r.returncode == 0
-
+from conftest import can_unshare_pid, children_of, wait_until
 
 pytestmark = pytest.mark.skipif(not can_unshare_pid(),
                                 reason="needs root and unshare --pid (a private PID namespace)")
-
-
-def children(pid):
-    """(pid, state) of the processes whose parent is pid."""
-    out = []
-    for d in os.listdir("/proc"):
-        if not d.isdigit():
-            continue
-        try:
-            stat = open("/proc/%s/stat" % d).read()
-        except OSError:
-            continue
-        fields = stat.rsplit(")", 1)[1].split()
-        if int(fields[1]) == pid:
-            out.append((int(d), fields[0]))
-    return out
 
 
 def test_orphans_are_reaped_when_pid_1(harness, relay, tmp_path):
@@ -45,8 +18,8 @@ def test_orphans_are_reaped_when_pid_1(harness, relay, tmp_path):
     proc = harness.procs.start("agent-pid1", args)
     wait_until(lambda: relay.connected("alpha"), timeout=20, what="the PID 1 agent to connect")
     # unshare forks: its child is the agent, PID 1 inside.
-    wait_until(lambda: children(proc.pid), timeout=10, what="the agent under unshare")
-    agent_pid = children(proc.pid)[0][0]
+    wait_until(lambda: children_of(proc.pid), timeout=10, what="the agent under unshare")
+    agent_pid = children_of(proc.pid)[0][0]
     cfg = tmp_path / "ssh_config"
     cfg.write_text("Host ws\n  ProxyCommand %s ssh-proxy --url %s --token-file %s alpha\n"
                    "  StrictHostKeyChecking no\n  UserKnownHostsFile /dev/null\n"
@@ -58,9 +31,9 @@ def test_orphans_are_reaped_when_pid_1(harness, relay, tmp_path):
                         "done; echo $$"], stdin=subprocess.DEVNULL, capture_output=True,
                        timeout=60)
     assert r.returncode == 0, r.stderr
-    wait_until(lambda: any(s for p, s in children(agent_pid)), timeout=10,
+    wait_until(lambda: any(s for p, s in children_of(agent_pid)), timeout=10,
                what="the orphans to be re-parented to the agent")
     time.sleep(2.5)  # they have all exited by now
-    left = children(agent_pid)
+    left = children_of(agent_pid)
     assert not [p for p, s in left if s == "Z"], "zombies under the PID 1 agent: %r" % left
     assert proc.alive()

@@ -25,8 +25,9 @@ import time
 import pexpect
 import pytest
 
-from conftest import ADMIN, ONLY_A, WORKSPACES, echo_roundtrip, wait_until, write_private
-from lifecyclelib import Workspace, ssh_env_lines, write_manifest
+from conftest import (ADMIN, ONLY_A, WORKSPACES, echo_roundtrip, env_lines, wait_until,
+                      write_private)
+from lifecyclelib import Workspace, write_manifest
 from test_tls import pki, tls_relay  # noqa: F401  (fixtures)
 from test_web import cookie_of, login, request
 
@@ -338,7 +339,7 @@ def test_nothing_the_agent_starts_sees_the_token(harness, tmp_path, mode):
     secrets = secrets_of(tokens, decoy)
     problems = []
     for name, text in envs.items():
-        env = ssh_env_lines(text)
+        env = env_lines(text)
         assert "PATH" in env, "%s: no environment read: %r" % (name, text[:300])
         if "TETHER_TOKEN" in env:
             problems.append("%s has TETHER_TOKEN" % name)

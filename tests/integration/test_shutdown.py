@@ -11,9 +11,9 @@ import time
 
 import pytest
 
-from conftest import wait_until
-from lifecyclelib import (Workspace, assert_forward_only, can_unshare_pid, children_of,
-                          pid_gone, read_pid, write_manifest)
+from conftest import can_unshare_pid, children_of, wait_until
+from lifecyclelib import (Workspace, assert_forward_only, pid_gone, read_pid,
+                          relay_stopped_during_script, write_manifest)
 
 # The design's bound is the longest stop-script timeout + 3 s (hang-up grace) + 5 s (log
 # flush); the tests allow generous room on a shared machine.
@@ -297,15 +297,8 @@ def test_a_relay_that_stops_reading_cannot_hold_the_shutdown(harness, tmp_path):
     """The relay is stopped (SIGSTOP) while megabytes of logs wait for it: the agent's last
     flush gives up after its 5 s bound and the agent exits 0."""
     ws = Workspace(harness, tmp_path)
-    go, done = tmp_path / "GO", tmp_path / "DONE"
-    ws.start_agent(["--startup-script",
-                    "while [ ! -e %s ]; do sleep 0.05; done; "
-                    "head -c 6000000 /dev/urandom | base64; touch %s" % (go, done)])
-    wait_until(lambda: ws.relay.connected(ws.name), timeout=20, what="the agent to connect")
-    os.kill(ws.relay.proc.pid, signal.SIGSTOP)
-    try:
-        go.touch()
-        wait_until(done.exists, timeout=30, what="the script's output")
+    with relay_stopped_during_script(ws, tmp_path, "head -c 6000000 /dev/urandom | base64",
+                                     timeout=30):
         time.sleep(1.5)  # batches made and queued toward the stopped relay
         rc, took = stop_agent(ws, bound=3 + 5 + SLACK)
         assert rc == 0, "exit status %r\n%s" % (rc, ws.agent_stderr()[-3000:])
@@ -313,5 +306,3 @@ def test_a_relay_that_stops_reading_cannot_hold_the_shutdown(harness, tmp_path):
         # the last output") or in the kernel's socket buffers (then the close handshake
         # timed out) depends on timing; either way the shutdown was bounded.
         assert "lifecycle: off" in ws.agent_stderr()
-    finally:
-        os.kill(ws.relay.proc.pid, signal.SIGCONT)

@@ -25,7 +25,7 @@ import paramiko
 import pexpect
 import pytest
 
-from conftest import SSH_HOST_KEY, DataGen, proc_rss_kib, wait_until
+from conftest import SSH_HOST_KEY, DataGen, env_lines, proc_rss_kib, wait_until
 
 MiB = 1024 * 1024
 
@@ -39,14 +39,6 @@ def env(ssh_module_env):
     return ssh_module_env
 
 
-def remote_env(stdout):
-    """The NAME=value lines of `env` output (CRs from a PTY dropped) as a dict."""
-    out = {}
-    for line in stdout.decode("utf-8", "replace").replace("\r", "").splitlines():
-        name, eq, value = line.partition("=")
-        if eq and re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-            out[name] = value
-    return out
 
 
 def host_public_key(state_dir):
@@ -259,7 +251,7 @@ def test_exec_stdin_eof_reaches_the_command(env):
 def test_env_of_a_session_without_pty(env):
     r = env.ssh("env")
     assert r.returncode == 0, r.stderr
-    e = remote_env(r.stdout)
+    e = env_lines(r.stdout)
     assert e.get("USER") == env.user
     assert e.get("HOME") == str(env.home)
     assert e.get("SHELL") == env.shell
@@ -272,7 +264,7 @@ def test_env_of_a_session_without_pty(env):
 def test_env_ssh_tty_with_pty(env):
     r = env.ssh("env; echo tty=$(tty)", tty=True)
     assert r.returncode == 0, r.stderr
-    e = remote_env(r.stdout)
+    e = env_lines(r.stdout)
     assert e.get("SSH_TTY", "").startswith("/dev/"), e
     assert e["SSH_TTY"] == e.get("tty"), "SSH_TTY %r but tty(1) says %r" % (e["SSH_TTY"],
                                                                          e.get("tty"))
@@ -284,7 +276,7 @@ def test_env_sendenv_allowed_names_pass_others_refused(env):
                       FOO="from-the-client")
     r = env.ssh("env", opts=["SendEnv=LANG LC_ALL TETHER_SESSION_TYPE FOO"], env=client_env)
     assert r.returncode == 0, r.stderr
-    e = remote_env(r.stdout)
+    e = env_lines(r.stdout)
     assert e.get("LANG") == "C.UTF-8"
     assert e.get("LC_ALL") == "POSIX"
     assert e.get("TETHER_SESSION_TYPE") == "vscode"
@@ -295,7 +287,7 @@ def test_env_setenv_allowed_names_pass_others_refused(env):
     r = env.ssh("env", opts=["SetEnv=LANG=C.UTF-8 LC_ALL=C TETHER_SESSION_TYPE=jetbrains "
                              "FOO=set-by-client"])
     assert r.returncode == 0, r.stderr
-    e = remote_env(r.stdout)
+    e = env_lines(r.stdout)
     assert e.get("LANG") == "C.UTF-8"
     assert e.get("LC_ALL") == "C"
     assert e.get("TETHER_SESSION_TYPE") == "jetbrains"
