@@ -450,15 +450,24 @@ void proto_credit_encode(uint64_t offset, uint8_t out[8])
 #define PROTO_MAX_FIELD 4096u
 
 /* A string member of min..max bytes; absent is fine unless required. */
+/* *v gets o's member key, or NULL when it is absent: an error only if it is required. */
+static int member(const json_t *o, const char *key, int required, json_t **v, char *err,
+                  size_t errlen)
+{
+    *v = json_object_get(o, key);
+    if (!*v && required)
+        FAIL("\"%s\" is missing", key);
+    return 0;
+}
+
 static int want_string_len(const json_t *o, const char *key, int required, size_t min, size_t max,
                            char *err, size_t errlen)
 {
-    json_t *v = json_object_get(o, key);
-    if (!v) {
-        if (required)
-            FAIL("\"%s\" is missing", key);
+    json_t *v;
+    if (member(o, key, required, &v, err, errlen) < 0)
+        return -1;
+    if (!v)
         return 0;
-    }
     if (!json_is_string(v))
         FAIL("\"%s\" must be a string", key);
     if (json_string_length(v) > max)
@@ -565,12 +574,11 @@ static int want_ports(const json_t *o, char *err, size_t errlen)
 static int want_int(const json_t *o, const char *key, int required, json_int_t min, json_int_t max,
                     char *err, size_t errlen)
 {
-    json_t *v = json_object_get(o, key);
-    if (!v) {
-        if (required)
-            FAIL("\"%s\" is missing", key);
+    json_t *v;
+    if (member(o, key, required, &v, err, errlen) < 0)
+        return -1;
+    if (!v)
         return 0;
-    }
     if (!json_is_integer(v) || json_integer_value(v) < min || json_integer_value(v) > max)
         FAIL("\"%s\" must be an integer from %lld to %lld", key, (long long)min, (long long)max);
     return 0;
@@ -634,12 +642,11 @@ static int want_objects(const json_t *o, const char *key, int required, size_t m
                         int (*item)(const json_t *e, char *err, size_t errlen), const char *unique,
                         char *err, size_t errlen)
 {
-    json_t *v = json_object_get(o, key);
-    if (!v) {
-        if (required)
-            FAIL("\"%s\" is missing", key);
+    json_t *v;
+    if (member(o, key, required, &v, err, errlen) < 0)
+        return -1;
+    if (!v)
         return 0;
-    }
     if (!json_is_array(v) || json_array_size(v) > max || (required && json_array_size(v) == 0))
         FAIL("\"%s\" must be an array of %d to %zu objects", key, required ? 1 : 0, max);
     size_t i;
