@@ -893,6 +893,10 @@ static void client_close(struct relay_client *c, int code, const char *reason)
     c->closing = true;
     c->close_code = code;
     snprintf(c->close_reason, sizeof(c->close_reason), "%s", reason);
+    /* Reading may be paused (the stream had no credit): the client's answering close must
+     * get through, or the close waits out WSCTX_CLOSE_WAIT_S. What comes before it is
+     * dropped (client_receive ignores a closing client). */
+    lws_rx_flow_control(c->wsi, 1);
     lws_callback_on_writable(c->wsi);
 }
 
