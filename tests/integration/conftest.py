@@ -290,16 +290,17 @@ class Tokens:
 # the harness: relay, agents, forwards
 
 
-LISTEN_RE = re.compile(r"relay listening on ws://127\.0\.0\.1:(\d+)")
+LISTEN_RE = re.compile(r"relay listening on ws://[0-9.]+:(\d+)")
 FORWARD_RE = re.compile(r"forwarding 127\.0\.0\.1:(\d+) -> (\S+):(\d+)")
 
 
 class Relay:
-    def __init__(self, proc, port, tokens):
+    def __init__(self, proc, port, tokens, host="127.0.0.1"):
         self.proc = proc
         self.port = port
         self.tokens = tokens
-        self.url = "ws://127.0.0.1:%d" % port
+        self.host = host
+        self.url = "ws://%s:%d" % (host, port)
 
     @property
     def pid(self):
@@ -309,7 +310,7 @@ class Relay:
         """GET path; returns (status, body bytes)."""
         if token is None and user is not None:
             token = self.tokens.user_token(user)
-        conn = http.client.HTTPConnection("127.0.0.1", self.port, timeout=timeout)
+        conn = http.client.HTTPConnection(self.host, self.port, timeout=timeout)
         try:
             headers = {}
             if token is not None:
@@ -354,8 +355,9 @@ class Harness:
         return subprocess.run([self.bin] + [str(a) for a in args], stdin=subprocess.DEVNULL,
                               capture_output=True, text=True, timeout=timeout, env=env)
 
-    def relay(self, port=0, keepalive=None, extra=(), tokens_path=None, wait=True):
-        args = [self.bin, "relay", "--listen", "127.0.0.1:%d" % port,
+    def relay(self, port=0, keepalive=None, extra=(), tokens_path=None, wait=True,
+              host="127.0.0.1"):
+        args = [self.bin, "relay", "--listen", "%s:%d" % (host, port),
                 "--tokens", tokens_path or self.tokens.path]
         if keepalive:
             args += ["--keepalive-idle", keepalive[0], "--keepalive-timeout", keepalive[1]]
@@ -374,16 +376,17 @@ class Harness:
         got = wait_until(listening, timeout=15, what="the relay to listen")
         if port:
             assert got == port, "relay listens on %d, asked for %d" % (got, port)
-        relay = Relay(proc, got, self.tokens)
+        relay = Relay(proc, got, self.tokens, host)
         # the log line comes right before the loop runs: wait until HTTP answers
         wait_until(lambda: relay.api("/api/v1/workspaces")[0] == 200, timeout=15,
                    what="the relay's API to answer")
         return relay
 
     def agent(self, relay, workspace=WORKSPACES[0], keepalive=None, extra=(), wait=True,
-              url=None, token_file=None, env=None):
-        args = [self.bin, "agent", "--url", url or relay.url,
-                "--token-file", token_file or self.tokens.agent_file(workspace)]
+              url=None, token_file=None, env=None, prefix=()):
+        """prefix: command words the agent runs under, e.g. ["ip", "netns", "exec", NS]."""
+        args = list(prefix) + [self.bin, "agent", "--url", url or relay.url,
+                               "--token-file", token_file or self.tokens.agent_file(workspace)]
         if keepalive:
             args += ["--keepalive-idle", keepalive[0], "--keepalive-timeout", keepalive[1]]
         if "--state-dir" not in [str(a) for a in extra]:
