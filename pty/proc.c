@@ -111,8 +111,8 @@ static void write_int(int fd, int v)
     (void)r;
 }
 
-static __attribute__((noreturn)) void child_exec(const struct proc_spec *spec, int in, int out,
-                                                 int err, int ctty)
+static __attribute__((noreturn)) void child_exec(const struct proc_spec *spec, pid_t parent, int in,
+                                                 int out, int err, int ctty)
 {
     sigset_t none;
     sigemptyset(&none);
@@ -120,6 +120,13 @@ static __attribute__((noreturn)) void child_exec(const struct proc_spec *spec, i
     for (int s = 1; s < NSIG; s++)
         signal(s, SIG_DFL);
     setsid();
+    /* If the agent dies (kill -9, OOM), the session hangs up as it would at a normal end:
+     * a command without a PTY would otherwise run on with nobody to read it. The signal
+     * goes to this process only (a fork clears it), like the SIGHUP a closing terminal
+     * sends. The agent may have died before the prctl: then the parent is another. */
+    prctl(PR_SET_PDEATHSIG, SIGHUP, 0, 0, 0);
+    if (getppid() != parent)
+        raise(SIGHUP);
     if (ctty >= 0)
         ioctl(ctty, TIOCSCTTY, 0);
     if (dup2(in, 0) < 0 || dup2(out, 1) < 0 || dup2(err, 2) < 0)
@@ -181,6 +188,7 @@ int proc_pty_open(unsigned short rows, unsigned short cols, unsigned short xpixe
 static int spawn_pty(const struct proc_spec *spec, struct proc_io *io)
 {
     int master = spec->pty_master, slave = spec->pty_slave;
+    pid_t parent = getpid();
     pid_t pid = fork();
     if (pid < 0) {
         int rc = -errno;
@@ -189,7 +197,7 @@ static int spawn_pty(const struct proc_spec *spec, struct proc_io *io)
         return rc;
     }
     if (pid == 0)
-        child_exec(spec, slave, slave, slave, slave);
+        child_exec(spec, parent, slave, slave, slave, slave);
     close(slave);
     io->pid = pid;
     io->pty_master = master;
@@ -210,13 +218,13 @@ static int spawn_pipes(const struct proc_spec *spec, struct proc_io *io)
         rc = set_nonblock_cloexec(p[1][0]);
     if (rc == 0)
         rc = set_nonblock_cloexec(p[2][0]);
-    pid_t pid = -1;
+    pid_t pid = -1, parent = getpid();
     if (rc == 0) {
         pid = fork();
         if (pid < 0)
             rc = -errno;
         else if (pid == 0)
-            child_exec(spec, p[0][0], p[1][1], p[2][1], -1);
+            child_exec(spec, parent, p[0][0], p[1][1], p[2][1], -1);
     }
     close_fd(&p[0][0]);
     close_fd(&p[1][1]);

@@ -6,6 +6,8 @@
  * envp), so the child between fork and exec only makes system calls. The child leads its
  * own session and process group (setsid), so the whole group can be signalled; with a PTY,
  * the PTY becomes its controlling terminal. Every other descriptor is closed in the child.
+ * The child gets SIGHUP if the agent dies (PR_SET_PDEATHSIG), so a command with no PTY does
+ * not run on for ever after a kill -9 of the agent.
  *
  * proc_reaper watches SIGCHLD on the loop and collects only the pids it was told about,
  * with waitpid(pid, WNOHANG): no thread per child, and children started by others (libuv's

@@ -508,8 +508,14 @@ def test_sigkill_restart_same_host_key_ptys_gone_and_reattach_gets_a_new_shell(h
     detached_id, attached_id = uuid.uuid4(), uuid.uuid4()
     sess = env.ssh_popen("echo up; exec cat", stdin=subprocess.PIPE,
                          opts=known_hosts_opts(kh, "yes"))
+    # A command with no PTY that reads and writes nothing: only the agent's death can end
+    # it (PR_SET_PDEATHSIG: SIGHUP, as a hang-up would).
+    quiet = env.ssh_popen("echo pid-$$; exec sleep 1000", stdin=subprocess.DEVNULL,
+                          opts=known_hosts_opts(kh, "yes"))
     try:
         assert readline_within(sess.stdout) == b"up\n"
+        quiet_pid = int(readline_within(quiet.stdout).decode().strip().split("-")[1])
+        assert not pid_gone(quiet_pid)
 
         async def before_kill():
             # One terminal detached, one attached when the agent dies.
@@ -534,12 +540,15 @@ def test_sigkill_restart_same_host_key_ptys_gone_and_reattach_gets_a_new_shell(h
         assert sess.wait(timeout=30) != 0
         wait_until(lambda: all(pid_gone(p) for p in shells), timeout=15,
                    what="the killed agent's PTY shells to end")
+        wait_until(lambda: pid_gone(quiet_pid), timeout=15,
+                   what="the killed agent's quiet command (sleep) to end")
         wait_until(lambda: not relay.connected("alpha"), timeout=15,
                    what="the relay to see the killed agent go")
     finally:
-        if sess.poll() is None:
-            sess.kill()
-            sess.wait(timeout=10)
+        for p in (sess, quiet):
+            if p.poll() is None:
+                p.kill()
+                p.wait(timeout=10)
 
     env.start_agent()   # same state directory
     assert relay.connected("alpha")
