@@ -17,7 +17,7 @@ import pytest
 import websockets
 
 import tetherproto as tp
-from conftest import ONLY_A, proc_rss_kib
+from conftest import ONLY_A, proc_rss_kib, wait_until
 from wspeer import Peer
 
 MAX_BATCH = 65536  # PROTO_MAX_LOG_BATCH: a batch's records, uncompressed
@@ -360,6 +360,49 @@ def test_seq_gap_gives_the_missing_marker(relay):
         assert texts(doc["lines"]) == ["[relay: 1 log batches missing]", "after reconnect"]
     run(go())
     assert "workspace alpha: 2 log batches are missing" in relay.proc.stderr()
+
+
+def test_one_agent_connection_cannot_flood_the_relays_log(relay):
+    """200 corrupt batches and 199 seq gaps: the workspace's /logs gets a marker for each
+    (it is bounded by --log-lines), but the relay's own log takes at most
+    WSSTATUS_LOG_BUDGET (64) lines from one agent connection, then says it stops; a new
+    connection gets a new budget."""
+    budget = 64
+
+    def relay_lines():
+        err = relay.proc.stderr()
+        return [ln for ln in err.splitlines() if "workspace alpha: " in ln and (
+            "dropped" in ln or "missing" in ln or "not logged" in ln)]
+
+    async def go():
+        peer = await connect(relay)
+        msgs = []
+        seq = 0
+        for _ in range(200):
+            seq += 2  # one number skipped: a gap each time
+            msgs.append(batch(seq, [(seq, "agent", "gap")]))
+            seq += 1
+            msgs.append({"type": "logs", "seq": seq, "lines": 1, "data": "!!!"})
+        await send(peer, *msgs)
+        # 200 lines, 200 dropped-batch markers, 199 missing-batch markers (the first batch's
+        # number is where counting starts).
+        await settle(peer, lambda: len(all_logs(relay)[0]) == 599, what="all 599 lines")
+        assert peer.closed is None and peer.goaway is None
+        return seq
+    seq = run(go())
+    lines = relay_lines()
+    assert len(lines) == budget, "%d lines:\n%s" % (len(lines), "\n".join(lines[-5:]))
+    assert "more lifecycle and log-batch events from this agent connection are not logged" \
+        in lines[-1]
+
+    async def again():
+        peer = await connect(relay)
+        await send(peer, batch(seq + 2, [(seq + 2, "agent", "after")]))
+        await settle(peer, lambda: any(ln["text"] == "after" for ln in all_logs(relay)[0]),
+                     what="the new connection's batch")
+    run(again())
+    wait_until(lambda: len(relay_lines()) == budget + 1, timeout=10,
+               what="a new connection's first line in the relay's log")
 
 
 # ---------------------------------------------------------------------------------------
