@@ -18,6 +18,13 @@ extern char **environ;
 
 enum lc_kind { LC_RUN_START, LC_RUN_ATTACH, LC_RUN_STOP };
 
+/* The scripts of one kind: how many still run, and how those that ended went. */
+struct lc_tally {
+    unsigned running;
+    bool failed;    /* one exited non-zero or could not run */
+    bool timed_out; /* one was killed at its timeout */
+};
+
 struct lc_script {
     struct lifecycle *lc;
     struct script *s;
@@ -43,10 +50,8 @@ struct lifecycle {
     struct devcontainer *dc;
     struct lc_script *scripts[LC_MAX_SCRIPTS];
     size_t nscripts;
-    unsigned running[3]; /* by lc_kind */
-    unsigned blocking;   /* start scripts that hold logins, still running */
-    bool failed[3];      /* by lc_kind: one exited non-zero or could not run */
-    bool timed_out[3];
+    struct lc_tally tally[3]; /* by lc_kind */
+    unsigned blocking;        /* start scripts that hold logins, still running */
     bool shutting;
     void (*shut_done)(void *arg);
     void *shut_arg;
@@ -96,7 +101,7 @@ static void on_script_exit(void *ud, const struct script_result *r)
     struct lc_script *x = ud;
     struct lifecycle *lc = x->lc;
     x->ended = true;
-    lc->running[x->kind]--;
+    lc->tally[x->kind].running--;
     if (x->blocks_login)
         lc->blocking--;
     double secs = (double)r->elapsed_ms / 1000.0;
@@ -106,20 +111,20 @@ static void on_script_exit(void *ud, const struct script_result *r)
             log_info("%s: done in %.1fs", x->source, secs);
         } else {
             log_warn("%s: exit status %d after %.1fs", x->source, r->status, secs);
-            lc->failed[x->kind] = true;
+            lc->tally[x->kind].failed = true;
         }
         break;
     case SCRIPT_SIGNALED:
         log_warn("%s: killed by signal %d after %.1fs", x->source, r->status, secs);
-        lc->failed[x->kind] = true;
+        lc->tally[x->kind].failed = true;
         break;
     case SCRIPT_TIMED_OUT:
         log_warn("%s: timed out after %.1fs: its processes were killed", x->source, secs);
-        lc->timed_out[x->kind] = true;
+        lc->tally[x->kind].timed_out = true;
         break;
     case SCRIPT_SPAWN_FAILED:
         log_warn("%s: cannot run: %s", x->source, strerror(-r->status));
-        lc->failed[x->kind] = true;
+        lc->tally[x->kind].failed = true;
         break;
     }
     if (x->kind == LC_RUN_STOP)
@@ -128,7 +133,7 @@ static void on_script_exit(void *ud, const struct script_result *r)
         check_start(lc);
 }
 
-/* Starts one script; its end is counted in running[kind]. */
+/* Starts one script; its end is counted in tally[kind]. */
 static void run(struct lifecycle *lc, const char *source, char *const *argv, uint64_t timeout_ms,
                 enum lc_kind kind, bool blocks_login)
 {
@@ -136,7 +141,7 @@ static void run(struct lifecycle *lc, const char *source, char *const *argv, uin
                                                 .on_exit = on_script_exit};
     if (lc->nscripts >= LC_MAX_SCRIPTS) {
         log_warn("%s: not run: more than %u scripts", source, LC_MAX_SCRIPTS);
-        lc->failed[kind] = true;
+        lc->tally[kind].failed = true;
         return;
     }
     struct lc_script *x = calloc(1, sizeof(*x));
@@ -145,7 +150,7 @@ static void run(struct lifecycle *lc, const char *source, char *const *argv, uin
         free(x);
         sshd_session_env_free(envp);
         log_error("%s: not run: out of memory", source);
-        lc->failed[kind] = true;
+        lc->tally[kind].failed = true;
         return;
     }
     x->lc = lc;
@@ -164,11 +169,11 @@ static void run(struct lifecycle *lc, const char *source, char *const *argv, uin
     if (!x->s) {
         free(x);
         log_error("%s: not run: out of memory", source);
-        lc->failed[kind] = true;
+        lc->tally[kind].failed = true;
         return;
     }
     lc->scripts[lc->nscripts++] = x;
-    lc->running[kind]++;
+    lc->tally[kind].running++;
     if (blocks_login)
         lc->blocking++;
     log_info("%s: started%s", x->source, blocks_login ? " (logins wait for it)" : "");
@@ -221,11 +226,11 @@ static void check_start(struct lifecycle *lc)
         log_info("logins may go on: the login-blocking scripts ended");
         gate_open(&lc->gate);
     }
-    if (lc->running[LC_RUN_START] > 0 || lc->state != PROTO_LC_STARTING)
+    if (lc->tally[LC_RUN_START].running > 0 || lc->state != PROTO_LC_STARTING)
         return;
-    set_state(lc, lc->timed_out[LC_RUN_START] ? PROTO_LC_START_TIMEOUT
-                  : lc->failed[LC_RUN_START]  ? PROTO_LC_START_ERROR
-                                              : PROTO_LC_READY);
+    set_state(lc, lc->tally[LC_RUN_START].timed_out ? PROTO_LC_START_TIMEOUT
+                  : lc->tally[LC_RUN_START].failed  ? PROTO_LC_START_ERROR
+                                                    : PROTO_LC_READY);
 }
 
 static void on_first_session(void *ud)
@@ -292,11 +297,11 @@ static void on_later(uv_timer_t *t)
 
 static void check_stop(struct lifecycle *lc)
 {
-    if (!lc->shutting || lc->running[LC_RUN_STOP] > 0 || !lc->shut_done)
+    if (!lc->shutting || lc->tally[LC_RUN_STOP].running > 0 || !lc->shut_done)
         return;
-    if (lc->timed_out[LC_RUN_STOP])
+    if (lc->tally[LC_RUN_STOP].timed_out)
         set_state(lc, PROTO_LC_SHUTDOWN_TIMEOUT);
-    else if (lc->failed[LC_RUN_STOP])
+    else if (lc->tally[LC_RUN_STOP].failed)
         set_state(lc, PROTO_LC_SHUTDOWN_ERROR);
     void (*done)(void *) = lc->shut_done;
     lc->shut_done = NULL;
@@ -319,7 +324,7 @@ void lifecycle_shut_down(struct lifecycle *lc, void (*done)(void *arg), void *ar
         free(x);
     }
     lc->nscripts = 0;
-    lc->running[LC_RUN_START] = lc->running[LC_RUN_ATTACH] = lc->blocking = 0;
+    lc->tally[LC_RUN_START].running = lc->tally[LC_RUN_ATTACH].running = lc->blocking = 0;
     /* No new session starts in a workspace that is going away: they wait, told so, until
      * the hangup ends them. */
     lc->gate.closed = true;
