@@ -1,9 +1,11 @@
 /*
  * tether: the workspace agent, its relay, and the client tools, in one binary.
  */
+#include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
 #include <string.h>
+#include <sys/resource.h>
 
 #include <jansson.h>
 #include <libssh/libssh.h>
@@ -39,6 +41,49 @@ static const char usage[] =
     "\n"
     "Every command takes --help. Exit status: 0 success, 1 failure, 2 usage error.\n";
 
+/*
+ * Descriptors a long-running command wants open at most: the agent serves up to 1024
+ * streams (PROTO_DEFAULT_MAX_STREAMS), a tcp stream holds one descriptor and an SSH session
+ * about six; `forward` holds two per connection; the relay one per agent and per client.
+ * Not the hard limit itself (often 524288 or more): libwebsockets allocates and zeroes about
+ * 16 bytes for every descriptor the limit allows.
+ */
+#define TETHER_NOFILE 16384
+
+/* The soft RLIMIT_NOFILE this process was started with, given back to its children. */
+static rlim_t child_nofile;
+
+/* In every child, between fork and exec (pthread_atfork): only system calls. */
+static void restore_child_nofile(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) == 0) {
+        rl.rlim_cur = child_nofile;
+        setrlimit(RLIMIT_NOFILE, &rl);
+    }
+}
+
+/*
+ * The soft limit of 1024 that systemd gives services (and what they start) by default
+ * would refuse the agent's 170th SSH session, or `forward`'s 510th connection, while the
+ * hard limit allows far more. Raise it to TETHER_NOFILE (or the hard limit) before
+ * libwebsockets sizes its tables to it. Children (sessions, scripts, --on-idle) get the
+ * old limit back: programs that use select() rely on it.
+ */
+static void raise_nofile(void)
+{
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) < 0 || rl.rlim_cur >= TETHER_NOFILE)
+        return;
+    rlim_t was = rl.rlim_cur;
+    rl.rlim_cur =
+        rl.rlim_max != RLIM_INFINITY && rl.rlim_max < TETHER_NOFILE ? rl.rlim_max : TETHER_NOFILE;
+    if (rl.rlim_cur <= was || setrlimit(RLIMIT_NOFILE, &rl) < 0)
+        return;
+    child_nofile = was;
+    pthread_atfork(NULL, NULL, restore_child_nofile);
+}
+
 static int cmd_version(void)
 {
     printf("tether %s\n", TETHER_VERSION);
@@ -62,6 +107,10 @@ int main(int argc, char **argv)
     }
     if (strcmp(cmd, "version") == 0 || strcmp(cmd, "--version") == 0)
         return cmd_version();
+    /* The commands that hold many connections. */
+    if (strcmp(cmd, "relay") == 0 || strcmp(cmd, "agent") == 0 || strcmp(cmd, "forward") == 0 ||
+        strcmp(cmd, "demo") == 0)
+        raise_nofile();
     if (strcmp(cmd, "relay") == 0)
         return cmd_relay(argc - 1, argv + 1);
     if (strcmp(cmd, "agent") == 0)
