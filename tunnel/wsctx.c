@@ -1,8 +1,10 @@
 #include "wsctx.h"
 
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/resource.h>
 #include <unistd.h>
 
 #include "log.h"
@@ -53,11 +55,35 @@ int wsctx_create(struct wsctx *w, const struct wsctx_config *cfg, char *err, siz
      * 4096 bytes (PROTOCOL.md §14.7; lws keeps the URI decoded). lws 4.1 reads this limit
      * from the context only: on a vhost's info it is ignored. */
     info.max_http_header_data = WSCTX_MAX_HEADER_DATA;
+    /*
+     * lws stops accepting (it turns its listen sockets' POLLIN off) when its own descriptors
+     * reach fd_limit_per_thread. That must leave room below the process's limit for the
+     * others (the loop's, log files, --on-idle's pipes): else accept fails with EMFILE,
+     * which lws retries at once and logs each time (measured: a busy loop writing 10 MB of
+     * log a second). So the process's soft limit goes WSCTX_FD_RESERVE above lws's table;
+     * where the hard limit forbids that, lws's table shrinks instead (lws then looks
+     * descriptors up more slowly, acceptable at such small limits).
+     */
+    struct rlimit nofile;
+    bool raise_after = false;
+    if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur != RLIM_INFINITY) {
+        if (nofile.rlim_max == RLIM_INFINITY ||
+            nofile.rlim_max >= nofile.rlim_cur + WSCTX_FD_RESERVE) {
+            info.fd_limit_per_thread = (unsigned)nofile.rlim_cur;
+            raise_after = true;
+        } else if (nofile.rlim_cur > 2 * WSCTX_FD_RESERVE) {
+            info.fd_limit_per_thread = (unsigned)nofile.rlim_cur - WSCTX_FD_RESERVE;
+        }
+    }
     w->ctx = lws_create_context(&info);
     if (!w->ctx) {
         snprintf(err, errlen,
                  "cannot start libwebsockets on libuv (is libwebsockets-evlib-uv installed?)");
         return -1;
+    }
+    if (raise_after) {
+        nofile.rlim_cur += WSCTX_FD_RESERVE;
+        setrlimit(RLIMIT_NOFILE, &nofile);
     }
 
     /* Client vhost: dials out, verifying servers against ca_file or the system bundle. */

@@ -59,6 +59,8 @@ void wsctx_kill(struct lws *wsi);
 /* The most bytes of one request's headers lws keeps (decoded URI included); a request with
  * more is dropped without an answer. */
 #define WSCTX_MAX_HEADER_DATA 16384
+/* Descriptors of the process's limit kept for others than libwebsockets'. */
+#define WSCTX_FD_RESERVE 32
 
 /* The system's CA bundle used when no --ca-file is given. */
 #define WSCTX_SYSTEM_CA_FILE "/etc/ssl/certs/ca-certificates.crt"

@@ -9,10 +9,12 @@ descriptors are free. The state directory tests need root and private mount name
 read-only bind mount, a small tmpfs); they are skipped otherwise.
 """
 import asyncio
+import http.client
 import json
 import os
 import random
 import re
+import socket
 import subprocess
 import threading
 import time
@@ -349,6 +351,49 @@ def test_fd_limit_refuses_ssh_with_a_reason_and_keeps_open_sessions(harness, ser
 
 RO_WRAP = ('mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && '
            'exec "$@"')
+
+
+# ---------------------------------------------------------------------------------------
+# the relay at its descriptor limit
+
+
+RELAY_NOFILE = 96   # soft = hard: the relay cannot raise it; lws's table gets 96 - 32
+
+
+def test_relay_at_its_fd_limit_stops_accepting_instead_of_spinning(harness, tmp_path):
+    """150 silent connections to a relay limited to 96 descriptors: libwebsockets stops
+    accepting before the process runs out (WSCTX_FD_RESERVE kept for the rest) instead of
+    failing accept with EMFILE in a busy loop that logged every failure (measured before:
+    1.8 s of CPU in 3 s and 34 MB of log). The rest wait in the kernel's backlog and are
+    served as descriptors free up: the API answers once the attackers close."""
+    args = ["prlimit", "--nofile=%d:%d" % (RELAY_NOFILE, RELAY_NOFILE), "--", harness.bin,
+            "relay", "--listen", "127.0.0.1:0", "--tokens", harness.tokens.path]
+    proc = harness.procs.start("relay-nofile%d" % RELAY_NOFILE, args)
+    m = wait_until(lambda: re.search(r"relay listening on ws://127\.0\.0\.1:(\d+)",
+                                     proc.stderr()), timeout=15, what="the relay to listen")
+    port = int(m.group(1))
+    socks = []
+    try:
+        for _ in range(150):
+            socks.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+        c0 = proc_cpu_seconds(proc.pid)
+        time.sleep(IDLE_WINDOW_S)
+        used = proc_cpu_seconds(proc.pid) - c0
+        log = proc.stderr()
+        assert "errno 24" not in log and len(log) < 4096, log[-2000:]
+        assert used < IDLE_CPU_MAX_S, "the relay used %.2fs CPU in %.0fs at its fd limit" % (
+            used, IDLE_WINDOW_S)
+    finally:
+        for s in socks:
+            s.close()
+    conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+    try:
+        conn.request("GET", "/api/v1/workspaces",
+                     headers={"Authorization": "Bearer " + harness.tokens.user_token()})
+        assert conn.getresponse().status == 200
+    finally:
+        conn.close()
+    assert proc.alive(), proc.describe()
 
 
 def run_agent_once(harness, relay, wrap, state_dir, prepare=None, timeout=30):
