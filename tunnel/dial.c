@@ -240,7 +240,7 @@ static void ws_receive(void *ud, struct wsc *c, const uint8_t *data, size_t len,
         wsc_want_write(c);
         return;
     }
-    wsc_confirm_alive(c);
+    wsc_confirm_alive(c, uv_now(d->loop));
 }
 
 static void ws_writable(void *ud, struct wsc *c)

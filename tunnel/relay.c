@@ -113,6 +113,7 @@ struct relay_agent {
     bool close_after_flush;  /* close once the output is out */
     uint64_t drain_deadline; /* GOAWAY either way: streams may finish until then (0 = no) */
     uint64_t close_deadline; /* close_after_flush was set: kill the socket after this */
+    uint64_t validity_ms;    /* wsctx_confirm_valid's last confirmation */
     struct relay_client *clients;
     struct relay_agent *next; /* in relay->agents */
 };
@@ -1540,7 +1541,7 @@ static void agent_receive(struct relay_agent *a, const uint8_t *in, size_t len, 
         return;
     if (a->current)
         a->ws->last_seen_ms = unix_ms();
-    lws_validity_confirmed(a->wsi);
+    wsctx_confirm_valid(a->wsi, uv_now(a->relay->loop), &a->validity_ms);
     int rc = binary ? mux_feed(a->mux, in, len, uv_now(a->relay->loop)) : MUX_E_PROTOCOL;
     if (rc == 0 && final)
         rc = mux_message_end(a->mux);

@@ -41,6 +41,7 @@ struct wsc {
     int close_code;
     char close_reason[124]; /* websocket close reasons are at most 123 bytes */
     int status;             /* peer's close code or HTTP status */
+    uint64_t validity_ms;   /* wsctx_confirm_valid's last confirmation */
     char reason[256];
     char *request;   /* the upgrade request, until it is sent */
     char *auth;      /* "Bearer TOKEN" for an HTTP GET; wiped when freed */
@@ -258,10 +259,10 @@ void wsc_abort(struct wsc *c, const char *reason)
     finish(c, wsi);
 }
 
-void wsc_confirm_alive(struct wsc *c)
+void wsc_confirm_alive(struct wsc *c, uint64_t now_ms)
 {
     if (c->wsi)
-        lws_validity_confirmed(c->wsi);
+        wsctx_confirm_valid(c->wsi, now_ms, &c->validity_ms);
 }
 
 /* Reports the end exactly once, detaches from the wsi, and frees. */

@@ -76,7 +76,7 @@ void wsc_close(struct wsc *c, int code, const char *reason);
  */
 void wsc_abort(struct wsc *c, const char *reason);
 /* The peer is alive (a frame of ours arrived): resets lws's own idle timers. */
-void wsc_confirm_alive(struct wsc *c);
+void wsc_confirm_alive(struct wsc *c, uint64_t now_ms);
 
 /* The lws protocol entry for the client vhost (wsctx uses it). */
 int wsc_lws_callback(struct lws *wsi, enum lws_callback_reasons reason, void *user, void *in,

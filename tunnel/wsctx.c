@@ -164,6 +164,14 @@ void wsctx_close_ws(struct lws *wsi, int code, const char *reason)
     lws_set_timeout(wsi, PENDING_TIMEOUT_CLOSE_ACK, WSCTX_CLOSE_WAIT_S);
 }
 
+void wsctx_confirm_valid(struct lws *wsi, uint64_t now_ms, uint64_t *last_ms)
+{
+    if (*last_ms && now_ms - *last_ms < WSCTX_VALIDITY_CONFIRM_MS)
+        return;
+    *last_ms = now_ms;
+    lws_validity_confirmed(wsi);
+}
+
 void wsctx_kill(struct lws *wsi)
 {
     lws_set_timeout(wsi, PENDING_TIMEOUT_USER_OK, LWS_TO_KILL_ASYNC);
