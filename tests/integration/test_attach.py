@@ -497,6 +497,7 @@ def test_fatal_signal_restores_the_terminal(fake, children, tether_bin, tokens):
     expect_wrapped_end(child, before, 128 + signal.SIGUSR1)
 
 
+@pytest.mark.plain_build
 def test_slow_terminal_pauses_the_relay(fake, children, tether_bin, tokens):
     """Output faster than the terminal takes it: tether stops reading the websocket (its
     memory stays bounded), and every byte arrives once the terminal reads again."""

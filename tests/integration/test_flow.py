@@ -33,6 +33,7 @@ def wait_stable(fn, settle=1.0, timeout=20.0):
     raise AssertionError("value kept changing for %.0fs (last %r)" % (timeout, last))
 
 
+@pytest.mark.plain_build
 def test_stalled_consumer_bounded_memory(harness, relay, agent, servers):
     src = servers.source(SOURCE_TOTAL, seed=31)
     echo = servers.echo()
@@ -80,6 +81,7 @@ def test_stalled_consumer_bounded_memory(harness, relay, agent, servers):
         assert (agent if k == "agent" else relay.proc).alive()
 
 
+@pytest.mark.plain_build
 def test_stalled_uploads_bounded_memory(harness, relay, agent, servers):
     """The reverse direction: many clients upload into targets that do not read. The client
     side is slowed down (its sends block) and agent/relay memory stays bounded."""

@@ -239,6 +239,7 @@ def test_wrong_token_and_wrong_class(env):
     others_still_work(env)
 
 
+@pytest.mark.plain_build
 def test_flood_of_bad_connections_does_not_grow_relay(env):
     """50 hostile connections in a row: the relay stays alive and its memory flat."""
     before = proc_rss_kib(env.relay.pid)

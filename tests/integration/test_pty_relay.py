@@ -448,6 +448,7 @@ def test_agent_tunnel_drop_closes_4010(env):
     assert texts == [] and c == 4010
 
 
+@pytest.mark.plain_build
 def test_zlib_bomb_keeps_relay_memory_bounded(env):
     """128 MiB of output from ~130 KB of compressed bytes (within one window), sent while
     the client does not read: the relay inflates only what its bounded queue takes, so its

@@ -277,6 +277,7 @@ def test_log_lines_bound_pushes_out_the_oldest(harness):
     assert [l["n"] for l in logs(relay, 3)["lines"]] == list(range(151, 201))
 
 
+@pytest.mark.plain_build
 def test_log_lines_bound_holds_memory(harness):
     """Lines of the longest text: the relay's memory stays near --log-lines' worth."""
     relay = harness.relay(extra=["--log-lines", "100"])

@@ -637,6 +637,7 @@ def test_handle_limit(servers, tether_bin, home):
     assert srv.wait() == 0
 
 
+@pytest.mark.plain_build
 def test_stalled_reader_keeps_memory_bounded(servers, tether_bin, home):
     """3000 READs of 64 KiB (192 MiB of replies) from a client that does not read yet."""
     (home / "f").write_bytes(os.urandom(1 << 20))
@@ -695,6 +696,7 @@ def test_client_vanishing_mid_download(servers, tether_bin, home):
     assert "busy" not in srv.errors()
 
 
+@pytest.mark.plain_build
 @pytest.mark.skipif(not shutil.which("valgrind"), reason="valgrind not installed")
 def test_valgrind_clean(servers, tether_bin, home, tmp_path):
     """A whole session, and one cut short, under valgrind: no errors, no leaks."""

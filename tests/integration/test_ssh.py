@@ -522,6 +522,7 @@ def upload_with_memory_watch(ssh_env, command, seed):
     return (rc, out.get("o", b""), stderr), peak - base, (hwm1 if hwm1 > hwm0 else peak) - base
 
 
+@pytest.mark.plain_build
 def test_slow_reader_upload_no_deadlock_bounded_memory(ssh_env):
     (rc, out, err), grew, hwm_grew = upload_with_memory_watch(
         ssh_env, "sleep 2; cat > /dev/null; echo done", seed=11)
@@ -541,6 +542,7 @@ THROTTLED_READER = ("/usr/bin/python3 -c 'import sys, time, hashlib\n"
                     "print(n, h.hexdigest())'")
 
 
+@pytest.mark.plain_build
 def test_steady_slower_reader_upload_bounded_memory(ssh_env):
     """A reader that keeps reading, but slower than the link (64 KiB per 4 ms, <= 16 MB/s,
     like a hashing or decompressing consumer on a busy machine): the bytes arrive intact
