@@ -386,6 +386,10 @@ static void on_sshd_freed(void *arg)
 static void on_dial_stopped(void *arg)
 {
     struct agent *a = arg;
+    /* The dial is freed; the timers that run until release (stats, ports, log batches)
+     * send only while connected, so they no longer reach it. */
+    a->dial = NULL;
+    a->connected = false;
     if (a->sshd) {
         lifecycle_free(a->lc); /* before sshd: its scripts use sshd's reaper */
         a->lc = NULL;
