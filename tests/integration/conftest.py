@@ -332,6 +332,12 @@ class Relay:
     def connected(self, name):
         return self.workspace(name)["connected"] is True
 
+    def said_hello(self, name):
+        """Connected, and the agent's hello arrived (agent_version is null before it, and
+        the relay resets what the last connection reported only then)."""
+        w = self.workspace(name)
+        return w["connected"] is True and w["agent_version"] is not None
+
 
 class Forward:
     def __init__(self, proc, port):
@@ -397,7 +403,7 @@ class Harness:
         if wait:
             def up():
                 assert proc.alive(), "agent exited early:\n" + proc.describe()
-                return relay.connected(workspace)
+                return relay.said_hello(workspace)
             wait_until(up, timeout=15, what="agent %s to connect" % workspace)
         return proc
 

@@ -84,7 +84,8 @@ class Workspace:
             [str(a) for a in extra]
 
     def start_agent(self, extra=(), wait=True, env=None, wrap=()):
-        """Starts the agent; waits until the relay lists it as connected (wait=True).
+        """Starts the agent; waits until the relay lists it as connected and has its hello
+        (wait=True).
         wrap: argv put in front (e.g. unshare ... sh -c '... exec "$@"' sh)."""
         argv = list(wrap) + self.agent_argv(extra)
         proc = self.harness.procs.start("agent-%s" % self.name, argv, env=env)
@@ -92,7 +93,7 @@ class Workspace:
         if wait:
             def up():
                 assert proc.alive(), "agent exited early:\n" + proc.describe()
-                return self.relay.connected(self.name)
+                return self.relay.said_hello(self.name)
             wait_until(up, timeout=20, what="agent %s to connect" % self.name)
         return proc
 
