@@ -1,6 +1,7 @@
 /*
  * tether: the workspace agent, its relay, and the client tools, in one binary.
  */
+#include <malloc.h>
 #include <pthread.h>
 #include <signal.h>
 #include <stdio.h>
@@ -84,6 +85,20 @@ static void raise_nofile(void)
     pthread_atfork(NULL, NULL, restore_child_nofile);
 }
 
+/*
+ * glibc raises its mmap threshold (up to 32 MiB) each time a large block is freed, after
+ * which large buffers (stream buffers, zlib's windows, log batches) come from the heap and
+ * stay resident when freed: a 10-minute soak saw the agent's idle RSS wander by 2.4 MiB
+ * while the bytes in use returned to 3.3 MB at every quiet point. Holding the threshold at
+ * glibc's default (128 KiB) gives such buffers back when freed.
+ */
+static void hold_mmap_threshold(void)
+{
+#ifdef M_MMAP_THRESHOLD
+    mallopt(M_MMAP_THRESHOLD, 128 * 1024);
+#endif
+}
+
 static int cmd_version(void)
 {
     printf("tether %s\n", TETHER_VERSION);
@@ -109,8 +124,10 @@ int main(int argc, char **argv)
         return cmd_version();
     /* The commands that hold many connections. */
     if (strcmp(cmd, "relay") == 0 || strcmp(cmd, "agent") == 0 || strcmp(cmd, "forward") == 0 ||
-        strcmp(cmd, "demo") == 0)
+        strcmp(cmd, "demo") == 0) {
         raise_nofile();
+        hold_mmap_threshold();
+    }
     if (strcmp(cmd, "relay") == 0)
         return cmd_relay(argc - 1, argv + 1);
     if (strcmp(cmd, "agent") == 0)
