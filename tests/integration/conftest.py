@@ -7,6 +7,7 @@ module, for module-scoped fixtures) ends. Every wait is bounded in time and coun
 Environment:
   TETHER_BIN   the binary under test (default: build/agent/tether under the repo root)
 """
+import asyncio
 import hashlib
 import http.client
 import json
@@ -24,6 +25,7 @@ import time
 from pathlib import Path
 
 import pytest
+import websockets.exceptions
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -626,6 +628,38 @@ def connection_closed(sock, timeout=15):
     except socket.timeout:
         return False
     return False
+
+
+async def ws_until_closed(ws, timeout):
+    """Reads a websocket until it closes: (code, reason, bytes received, seconds); raises
+    AssertionError if it is still open after timeout."""
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    got = bytearray()
+    for _ in range(100000):
+        left = t0 + timeout - loop.time()
+        try:
+            m = await asyncio.wait_for(ws.recv(), max(left, 0.001))
+        except asyncio.TimeoutError:
+            raise AssertionError("websocket still open after %.0fs" % timeout) from None
+        except websockets.exceptions.ConnectionClosed as e:
+            return e.code, e.reason, bytes(got), loop.time() - t0
+        got += m if isinstance(m, bytes) else m.encode()
+    raise AssertionError("unreachable")
+
+
+async def ws_texts_until_closed(ws, timeout=15):
+    """The text messages of a websocket until it closes, and its close code (None if more
+    than 1000 messages came); each message must come within timeout."""
+    texts = []
+    try:
+        for _ in range(1000):
+            msg = await asyncio.wait_for(ws.recv(), timeout)
+            if isinstance(msg, str):
+                texts.append(msg)
+    except websockets.exceptions.ConnectionClosed as e:
+        return texts, e.code
+    return texts, None
 
 
 # ---------------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ import pytest
 import websockets
 import websockets.exceptions
 
-from conftest import echo_roundtrip, recv_all, wait_until
+from conftest import echo_roundtrip, recv_all, wait_until, ws_texts_until_closed, ws_until_closed
 
 KA = ("1s", "3s")       # keepalive idle / timeout of both the relay and the agent
 KA_TIMEOUT_S = 3.0
@@ -240,22 +240,6 @@ async def read_until(ws, pattern, got=None, timeout=15):
     raise AssertionError("unreachable")
 
 
-async def until_closed(ws, timeout):
-    """Reads ws until it closes: (code, reason, bytes received, seconds); raises on timeout."""
-    loop = asyncio.get_running_loop()
-    t0 = loop.time()
-    got = bytearray()
-    for _ in range(100000):
-        left = t0 + timeout - loop.time()
-        try:
-            m = await asyncio.wait_for(ws.recv(), max(left, 0.001))
-        except asyncio.TimeoutError:
-            raise AssertionError("websocket still open %.0fs after the cut" % timeout) from None
-        except websockets.exceptions.ConnectionClosed as e:
-            return e.code, e.reason, bytes(got), loop.time() - t0
-        got += m if isinstance(m, bytes) else m.encode()
-    raise AssertionError("unreachable")
-
 
 def read_to_end(sock, timeout):
     """Reads and drops until the peer ends the connection: ("eof" | "reset" | "timeout",
@@ -366,7 +350,7 @@ def test_cut_closes_user_streams(net, harness, servers):
         sender = asyncio.ensure_future(keep_sending())
         frame_at = asyncio.ensure_future(close_frame_arrival())
         try:
-            code, reason, echoed, secs = await until_closed(ws, KA_TIMEOUT_S + SLACK_S)
+            code, reason, echoed, secs = await ws_until_closed(ws, KA_TIMEOUT_S + SLACK_S)
         finally:
             sender.cancel()
         frame_secs = await asyncio.wait_for(frame_at, 5)
@@ -447,7 +431,7 @@ def test_pty_survives_the_cut(net, harness):
         await ws.send(json.dumps({"data": "(sleep 1; echo during-cut-$((7*8))) &\r"}))
         await read_until(ws, rb"\(sleep 1")
         t0 = net.cut()
-        code, reason, _, secs = await until_closed(ws, KA_TIMEOUT_S + SLACK_S)
+        code, reason, _, secs = await ws_until_closed(ws, KA_TIMEOUT_S + SLACK_S)
         return pid, t0, code, reason, secs
     pid, t0, code, reason, secs = run(before())
     print("terminal client closed %.2fs after the cut (%r %r)" % (secs, code, reason))
@@ -464,15 +448,8 @@ def test_pty_survives_the_cut(net, harness):
         await ws.send(json.dumps({"data": "echo again=$$\r"}))
         again = (await read_until(ws, rb"again=(\d+)\r\n", got)).group(1)
         await ws.send(json.dumps({"data": "exit 7\r"}))
-        texts = []
-        try:
-            for _ in range(1000):
-                msg = await asyncio.wait_for(ws.recv(), 15)
-                if isinstance(msg, str):
-                    texts.append(msg)
-        except websockets.exceptions.ConnectionClosed as e:
-            return bytes(got), again, texts, e.code
-        return bytes(got), again, texts, None
+        texts, code = await ws_texts_until_closed(ws)
+        return bytes(got), again, texts, code
     got, again, texts, code = run(after())
     assert b"pid=%s mark=42" % pid in got, "the replay lacks the output from before the cut"
     assert got.count(b"during-cut-56\r\n") == 1, got[-600:]

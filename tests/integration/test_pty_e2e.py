@@ -7,7 +7,7 @@ import uuid
 
 import websockets
 
-from conftest import wait_until
+from conftest import wait_until, ws_texts_until_closed
 
 
 def run(coro, timeout=90):
@@ -58,15 +58,7 @@ def test_shell_survives_a_relay_restart(harness):
         await ws.send(json.dumps({"data": "pwd\r"}))
         await read_until(ws, b"/tmp\r\n", got)
         await ws.send(json.dumps({"data": "exit 7\r"}))
-        texts = []
-        try:
-            for _ in range(1000):
-                msg = await asyncio.wait_for(ws.recv(), 15)
-                if isinstance(msg, str):
-                    texts.append(msg)
-        except websockets.exceptions.ConnectionClosed as e:
-            return texts, e.code
-        return texts, None
+        return await ws_texts_until_closed(ws)
     texts, code = run(after())
     assert texts == ['{"exit":7}'] and code == 1000
 

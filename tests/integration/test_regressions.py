@@ -24,7 +24,7 @@ import websockets
 import websockets.exceptions
 
 import tetherproto as tp
-from conftest import Relay, proc_state, recv_all, wait_until
+from conftest import Relay, proc_state, recv_all, wait_until, ws_until_closed
 from wspeer import Peer
 
 MiB = 1024 * 1024
@@ -168,23 +168,6 @@ async def ws_client(relay, ws_name, port, **kw):
         max_size=None, ping_interval=None, open_timeout=15, close_timeout=5, **kw)
 
 
-async def until_closed(client, timeout):
-    """Reads a client websocket until it closes: (code, reason, bytes, seconds) or raises."""
-    loop = asyncio.get_running_loop()
-    t0 = loop.time()
-    got = bytearray()
-    for _ in range(100000):
-        left = t0 + timeout - loop.time()
-        assert left > 0, "client websocket still open after %.0fs" % timeout
-        try:
-            m = await asyncio.wait_for(client.recv(), left)
-        except asyncio.TimeoutError:
-            raise AssertionError("client websocket still open after %.0fs" % timeout) from None
-        except websockets.exceptions.ConnectionClosed as e:
-            return e.code, e.reason, bytes(got), loop.time() - t0
-        got += m if isinstance(m, bytes) else m.encode()
-    raise AssertionError("unreachable")
-
 
 async def scripted_agent(relay, hello_control=None, ws_name="alpha"):
     """A Python agent for ws_name (tetherproto/wspeer), through the handshake."""
@@ -279,7 +262,7 @@ def test_frozen_agent_clients_closed_promptly(harness, servers):
         t0 = time.monotonic()
         watcher = threading.Thread(target=watch_forward_socket, daemon=True)
         watcher.start()
-        code, reason, _, secs = await until_closed(client, timeout=25)
+        code, reason, _, secs = await ws_until_closed(client, timeout=25)
         watcher.join(max(0.0, t0 + 26 - time.monotonic()))
         return t0, code, reason, secs
     try:
@@ -655,7 +638,7 @@ def test_open_fail_from_hostile_agent_gives_valid_close(harness, relay, code, te
         client = await ws_client(relay, "alpha", 4321)
         f = await peer.until(lambda f: f.type == tp.OPEN, what="the relay's OPEN")
         await peer.send(tp.frame(tp.OPEN_FAIL, f.stream, struct.pack(">I", code) + text))
-        c, reason, got, _ = await until_closed(client, timeout=15)
+        c, reason, got, _ = await ws_until_closed(client, timeout=15)
         await peer.ws.close()
         return c, reason, got
     c, reason, got = run(go())

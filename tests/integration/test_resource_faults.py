@@ -25,7 +25,7 @@ import websockets
 import websockets.exceptions
 
 from conftest import (SSH_HOST_KEY, SshEnv, mount_namespace_available, proc_cpu_seconds,
-                      wait_until)
+                      wait_until, ws_texts_until_closed)
 from lifecyclelib import pid_gone
 
 NOFILE = 64                  # the agent's descriptor limit in the fd tests
@@ -610,15 +610,9 @@ def test_sigkill_restart_same_host_key_ptys_gone_and_reattach_gets_a_new_shell(h
         m, out = await read_until(c, rb"new-54 pid-(\d+)-end")
         assert b"old-42" not in out, "the old terminal's output was replayed: %r" % out
         await c.send(json.dumps({"data": "exit 3\r"}))
-        texts = []
-        try:
-            for _ in range(1000):
-                msg = await asyncio.wait_for(c.recv(), 20)
-                if isinstance(msg, str):
-                    texts.append(msg)
-        except websockets.exceptions.ConnectionClosed as e:
-            return int(m.group(1)), texts, e.code
-        raise AssertionError("the terminal did not end")
+        texts, code = await ws_texts_until_closed(c, timeout=20)
+        assert code is not None, "the terminal did not end"
+        return int(m.group(1)), texts, code
     for pty_id in (detached_id, attached_id):
         new_pid, texts, code = run(reattach(pty_id))
         assert new_pid not in shells
