@@ -1157,7 +1157,7 @@ static int attach_run(struct attach *a, int argc, char **argv)
         cli_error("cannot read the terminal's settings: %s", uv_strerror(err));
         return EXIT_FAIL;
     }
-    struct wsctx_config wc = {.ca_file = a->cc.ca_file};
+    struct wsctx_config wc = {.ca_file = a->cc.ca_file, .tls = a->cc.url.tls};
     a->rt.on_signal = on_runtime_signal;
     a->rt.ud = a;
     if (cli_runtime_init(&a->rt, &wc) < 0)

@@ -208,7 +208,7 @@ static int forward_run(struct forward *f, int argc, char **argv)
         cli_client_free(&f->cc);
         return rc;
     }
-    struct wsctx_config wc = {.ca_file = f->cc.ca_file};
+    struct wsctx_config wc = {.ca_file = f->cc.ca_file, .tls = f->cc.url.tls};
     f->rt.on_signal = on_forward_signal;
     f->rt.ud = f;
     if (cli_runtime_init(&f->rt, &wc) < 0) {

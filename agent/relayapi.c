@@ -84,7 +84,7 @@ int relayapi_get(const struct cli_client *cc, const char *path, json_t **doc)
         return EXIT_FAIL;
     }
     g->exit_code = EXIT_FAIL;
-    struct wsctx_config wc = {.ca_file = cc->ca_file};
+    struct wsctx_config wc = {.ca_file = cc->ca_file, .tls = cc->url.tls};
     g->rt.on_signal = on_get_signal;
     g->rt.ud = g;
     if (cli_runtime_init(&g->rt, &wc) < 0) {

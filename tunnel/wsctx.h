@@ -27,6 +27,7 @@ struct wsctx_server {
 struct wsctx_config {
     uv_loop_t *loop;
     const char *ca_file;               /* CAs that client connections trust; NULL = system */
+    bool tls;                          /* client connections use TLS (wss://): load the CAs */
     const struct wsctx_server *server; /* NULL for a process that only dials out */
 };
 
