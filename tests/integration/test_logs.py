@@ -296,6 +296,8 @@ def test_lines_written_while_disconnected_arrive_after_reconnect(harness, tmp_pa
     ws.start_agent(["--startup-script",
                     "while [ ! -e %s ]; do sleep 0.1; done; %s; touch %s" % (
                         go, numbered_script("D", 500, 30), done)])
+    # Scripts start when the manifest arrives, a moment after the relay lists the agent.
+    ws.wait_lifecycle("starting")
     port = ws.relay.port
     ws.relay.proc.kill()
     go.touch()
@@ -317,6 +319,8 @@ def test_backlog_over_4_mib_while_disconnected_drops_with_a_marker(harness, tmp_
     ws.start_agent(["--startup-script",
                     "while [ ! -e %s ]; do sleep 0.1; done; %s; touch %s" % (
                         go, numbered_script("B", count, width), done)])
+    # Scripts start when the manifest arrives, a moment after the relay lists the agent.
+    ws.wait_lifecycle("starting")
     port = ws.relay.port
     ws.relay.proc.kill()
     go.touch()
