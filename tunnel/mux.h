@@ -126,7 +126,9 @@ size_t mux_output(struct mux *m, uint8_t *buf, size_t cap);
 bool mux_wants_output(const struct mux *m);
 
 /*
- * Advances the keepalive clock: queues PING after keepalive_idle_ms of silence. Returns 0,
+ * Advances the keepalive clock: queues PING after keepalive_idle_ms of silence. Also gives
+ * back the storage of send queues that drained and saw no mux_stream_send since the previous
+ * call (a busy stream keeps its queue's storage between batches). Returns 0,
  * or MUX_E_TIMEOUT once nothing arrived for keepalive_timeout_ms. mux_next_tick_ms says
  * how many ms from now the next call is due. One PING is outstanding at a time: the next
  * goes only after its PONG, or keepalive_timeout_ms after it was sent.
@@ -166,6 +168,8 @@ int mux_stream_shutdown(struct mux *m, uint32_t id);
 void mux_stream_consumed(struct mux *m, uint32_t id, size_t n);
 /* Bytes queued but not yet sent on a stream (0 if unknown). */
 size_t mux_stream_queued(const struct mux *m, uint32_t id);
+/* Bytes of storage the stream's send queue holds, queued or not (0 if unknown). */
+size_t mux_stream_queue_storage(const struct mux *m, uint32_t id);
 
 /*
  * Queues a CONTROL message (serialised compactly). Returns 0, MUX_E_FULL, MUX_E_CLOSED (only

@@ -703,6 +703,51 @@ static void test_round_robin_fairness(void **state)
     end_free(b);
 }
 
+/* A busy stream keeps its queue's storage between batches (no allocation per batch); the
+ * storage goes back at the second tick without a send, and a small queue is never freed. */
+static void test_queue_storage_kept_while_busy(void **state)
+{
+    (void)state;
+    struct mux_config ca, cb;
+    mux_config_default(&ca, MUX_ROLE_AGENT);
+    mux_config_default(&cb, MUX_ROLE_RELAY);
+    struct end *a = end_new(&ca), *b = end_new(&cb);
+    pump(a, b);
+    uint32_t id = open_stream(a), small = open_stream(a);
+    pump(a, b);
+    size_t off = 0, chunk = 100000;
+    off = send_some(a, id, off, off + chunk);
+    assert_int_equal(off, chunk);
+    assert_int_equal(send_some(a, small, 0, 100), 100);
+    pump(a, b);
+    assert_int_equal(mux_stream_queued(a->m, id), 0);
+    size_t storage = mux_stream_queue_storage(a->m, id);
+    assert_true(storage >= chunk);
+    assert_int_not_equal(mux_stream_queue_storage(a->m, small), 0);
+    /* Busy: a send between every two ticks keeps the same storage. */
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(mux_tick(a->m, T0 + (uint64_t)i), 0);
+        assert_int_equal(send_some(a, id, off, off + chunk), off + chunk);
+        off += chunk;
+        pump(a, b);
+        assert_int_equal(mux_stream_queue_storage(a->m, id), storage);
+    }
+    /* Idle: the first tick clears the mark of the last send, the second frees. */
+    assert_int_equal(mux_tick(a->m, T0 + 10), 0);
+    assert_int_equal(mux_stream_queue_storage(a->m, id), storage);
+    assert_int_equal(mux_tick(a->m, T0 + 11), 0);
+    assert_int_equal(mux_stream_queue_storage(a->m, id), 0);
+    assert_int_not_equal(mux_stream_queue_storage(a->m, small), 0);
+    /* Freed storage grows again on the next send, and the bytes still arrive in order. */
+    assert_int_equal(send_some(a, id, off, off + chunk), off + chunk);
+    off += chunk;
+    pump(a, b);
+    assert_int_equal(rec(b, id)->len, off);
+    assert_true(pattern_ok(rec(b, id)->data, off, id));
+    end_free(a);
+    end_free(b);
+}
+
 /* Runs a little session, capturing every byte a sends, and returns them. */
 static struct wire scripted_session(struct end *a, struct end *b)
 {
@@ -1526,6 +1571,7 @@ int main(void)
         cmocka_unit_test(test_writable_when_room_reopens),
         cmocka_unit_test(test_data_after_fin_and_before_accept),
         cmocka_unit_test(test_empty_fin_and_close),
+        cmocka_unit_test(test_queue_storage_kept_while_busy),
         cmocka_unit_test(test_keepalive),
         cmocka_unit_test(test_deaf_peer),
     };
