@@ -4,14 +4,15 @@ batches, complete and in order, with a time and a source each; the relay keeps t
 cap is cut with a marker (never silently mid-stream), a flood leaves the agent responsive,
 a hung script's lines are kept."""
 import json
+import os
 import re
+import signal
 import time
 
 import pytest
 
 from conftest import ONLY_A, proc_rss_kib, wait_until
-from lifecyclelib import (Workspace, now_ms, pid_gone, read_pid, relay_stopped_during_script,
-                          script_file)
+from lifecyclelib import Workspace, now_ms, pid_gone, read_pid, script_file, write_manifest
 
 MiB = 1024 * 1024
 
@@ -352,14 +353,29 @@ def test_backlog_over_4_mib_while_disconnected_drops_with_a_marker(harness, tmp_
 
 def test_a_relay_too_slow_for_the_logs_costs_lines_with_a_marker_not_silently(harness,
                                                                                tmp_path):
-    """The relay stops reading (SIGSTOP) while the tunnel stays up and scripts write 24 MB:
-    the agent holds batches up to its backlog, drops the rest with a marker of its own, and
-    no batch is lost on the way (the relay sees no gap in their numbers)."""
-    ws = Workspace(harness, tmp_path, relay_extra=["--log-lines", "1000000"])
-    with relay_stopped_during_script(
-            ws, tmp_path, "for i in 1 2 3; do head -c 6000000 /dev/urandom | base64 -w 76; done",
-            timeout=60):
+    """The relay stops reading (SIGSTOP) while the tunnel stays up and three start scripts
+    write 8 MB each (a script's output is cut at 8 MiB): more than the agent's 4 MiB backlog,
+    its queues and the sockets' buffers together can hold. The agent drops the rest with a
+    marker of its own, and no batch is lost on the way (the relay sees no gap in their
+    numbers)."""
+    go = tmp_path / "GO"
+    scripts = [{"name": "w%d" % i, "run_on": "start",
+                "script": "while [ ! -e %s ]; do sleep 0.05; done; "
+                          "head -c 6000000 /dev/urandom | base64 -w 76; touch %s" % (
+                              go, tmp_path / ("DONE%d" % i))} for i in range(3)]
+    manifest = write_manifest(tmp_path / "manifest.json", {"alpha": {"scripts": scripts}})
+    ws = Workspace(harness, tmp_path, relay_extra=["--log-lines", "1000000",
+                                                   "--manifest", manifest])
+    ws.start_agent()
+    ws.wait_lifecycle("starting")  # the scripts run (and wait for GO)
+    os.kill(ws.relay.proc.pid, signal.SIGSTOP)
+    try:
+        go.touch()
+        wait_until(lambda: all((tmp_path / ("DONE%d" % i)).exists() for i in range(3)),
+                   timeout=60, what="the scripts' output")
         time.sleep(3)
+    finally:
+        os.kill(ws.relay.proc.pid, signal.SIGCONT)
     ws.wait_lifecycle("ready", timeout=60)
 
     def marker(lines):
