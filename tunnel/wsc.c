@@ -1,10 +1,12 @@
 #include "wsc.h"
 
+#include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 #include <sys/random.h>
+#include <sys/socket.h>
 
 #include "log.h"
 #include "wsctx.h"
@@ -54,6 +56,9 @@ struct wsc {
     size_t pong_len; /* a ping's payload waiting to be answered, +1; 0 = none */
     uint8_t mask_pool[WSC_MASK_POOL];
     size_t mask_pos;
+    /* wsc_write_keep's unsent tail, in the caller's buffer: it goes out before anything else. */
+    const uint8_t *tail;
+    size_t tail_len;
 };
 
 static int random_bytes(void *p, size_t n)
@@ -200,6 +205,21 @@ struct wsc *wsc_connect(const struct wsc_params *p, const struct wsc_events *ev,
     return c;
 }
 
+/* Frames buf's payload in place (header in front, payload masked); returns the frame's start
+ * and sets *n to its length. */
+static uint8_t *frame_in_place(struct wsc *c, uint8_t *buf, size_t len, bool binary, size_t *n)
+{
+    uint8_t mask[4];
+    next_mask(c, mask);
+    uint8_t hdr[WSFRAME_MAX_HEADER];
+    size_t hl = wsframe_header(hdr, binary ? WSFRAME_BINARY : WSFRAME_TEXT, true, len, mask);
+    uint8_t *start = buf + WSC_PRE - hl;
+    memcpy(start, hdr, hl);
+    wsframe_mask(buf + WSC_PRE, len, mask, 0);
+    *n = hl + len;
+    return start;
+}
+
 int wsc_write(struct wsc *c, uint8_t *buf, size_t len, bool binary)
 {
     if (c->state != WSC_OPEN)
@@ -208,16 +228,50 @@ int wsc_write(struct wsc *c, uint8_t *buf, size_t len, bool binary)
         int n = lws_write(c->wsi, buf + WSC_PRE, len, binary ? LWS_WRITE_BINARY : LWS_WRITE_TEXT);
         return (n < 0 || (size_t)n < len) ? -1 : 0;
     }
-    uint8_t mask[4];
-    next_mask(c, mask);
-    uint8_t hdr[WSFRAME_MAX_HEADER];
-    size_t hl = wsframe_header(hdr, binary ? WSFRAME_BINARY : WSFRAME_TEXT, true, len, mask);
-    uint8_t *start = buf + WSC_PRE - hl;
-    memcpy(start, hdr, hl);
-    wsframe_mask(buf + WSC_PRE, len, mask, 0);
-    /* lws keeps whatever the socket does not take now and sends it first. */
-    int n = lws_write(c->wsi, start, hl + len, LWS_WRITE_RAW);
-    return (n < 0 || (size_t)n < hl + len) ? -1 : 0;
+    size_t n;
+    uint8_t *start = frame_in_place(c, buf, len, binary, &n);
+    /* lws keeps (copies) whatever the socket does not take now and sends it first. */
+    int k = lws_write(c->wsi, start, n, LWS_WRITE_RAW);
+    return (k < 0 || (size_t)k < n) ? -1 : 0;
+}
+
+/*
+ * Sends what the socket takes of p now, straight to it; the rest becomes the tail. lws must
+ * hold nothing unsent itself (it sends its own leftovers before the next WRITEABLE, and the
+ * tail waits for that). A socket error goes through lws_write, which reports it its way.
+ */
+static int send_keep(struct wsc *c, const uint8_t *p, size_t n)
+{
+    ssize_t k = 0;
+    if (!lws_partial_buffered(c->wsi)) {
+        k = send(lws_get_socket_fd(c->wsi), p, n, MSG_NOSIGNAL | MSG_DONTWAIT);
+        if (k < 0 && errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)
+            return lws_write(c->wsi, (uint8_t *)p, n, LWS_WRITE_RAW) < 0 ? -1 : 0;
+        if (k < 0)
+            k = 0;
+    }
+    c->tail = p + k;
+    c->tail_len = n - (size_t)k;
+    if (c->tail_len)
+        lws_callback_on_writable(c->wsi);
+    return 0;
+}
+
+int wsc_write_keep(struct wsc *c, uint8_t *buf, size_t len, bool binary)
+{
+    if (c->state != WSC_OPEN)
+        return -1;
+    if (c->lws_framing)
+        return wsc_write(c, buf, len, binary);
+    size_t n;
+    uint8_t *start = frame_in_place(c, buf, len, binary, &n);
+    return send_keep(c, start, n);
+}
+
+bool wsc_write_now(const struct wsc *c)
+{
+    return c->wsi && c->state == WSC_OPEN && !c->lws_framing && !c->tail_len && !c->pong_len &&
+           !lws_partial_buffered(c->wsi);
 }
 
 void wsc_want_write(struct wsc *c)
@@ -272,6 +326,7 @@ static void finish(struct wsc *c, struct lws *wsi)
         snprintf(c->reason, sizeof(c->reason), "connection closed");
     lws_set_wsi_user(wsi, NULL);
     c->wsi = NULL;
+    c->tail_len = 0;
     free_buffers(c);
     if (c->in_connect) {
         c->failed_early = true; /* wsc_connect reports it and frees */
@@ -452,6 +507,14 @@ static int raw_rx(struct wsc *c, const uint8_t *in, size_t len)
 
 static int raw_writable(struct wsc *c, struct lws *wsi)
 {
+    /* A frame's unsent tail goes before anything else: the caller's buffer is still intact
+     * (it may change only after `writable`), and a close frame must not cut a frame short. */
+    if (c->tail_len && (c->state == WSC_OPEN || c->state == WSC_CLOSING)) {
+        if (send_keep(c, c->tail, c->tail_len) < 0)
+            return -1;
+        if (c->tail_len)
+            return 0;
+    }
     switch (c->state) {
     case WSC_SEND_REQUEST: {
         size_t n = strlen(c->request + LWS_PRE);

@@ -63,8 +63,20 @@ struct wsc *wsc_connect(const struct wsc_params *p, const struct wsc_events *ev,
  * Returns 0 or -1 (the connection is failing; `closed` follows).
  */
 int wsc_write(struct wsc *c, uint8_t *buf, size_t len, bool binary);
+/*
+ * The same, without a copy of what the socket does not take at once: the unsent rest stays
+ * in buf and goes out first, before the next `writable`. So buf must stay untouched until
+ * then (or until `closed`). For a sender with one long-lived buffer, such as the tunnel.
+ */
+int wsc_write_keep(struct wsc *c, uint8_t *buf, size_t len, bool binary);
 /* Asks for a `writable` event. */
 void wsc_want_write(struct wsc *c);
+/*
+ * True when wsc_write_keep may be called right now, outside `writable`: an open ws://
+ * connection (framed by us) with nothing of its own waiting to go out first. A sender that
+ * writes at once saves the trip through the poller that `writable` takes (latency).
+ */
+bool wsc_write_now(const struct wsc *c);
 /* Stops or resumes reading from the peer (for connections that are not the tunnel). */
 void wsc_pause_rx(struct wsc *c, bool pause);
 /* Closes with a websocket close code and reason; `closed` follows, asynchronously. */
