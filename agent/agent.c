@@ -69,6 +69,7 @@ static void on_stream_opened(void *ud, uint32_t id, const struct proto_open *o)
 {
     struct agent *a = ud;
     struct mux *m = dial_mux(a->dial);
+    ports_scanner_wake(a->ports);
     switch (o->kind) {
     case PROTO_KIND_TCP:
         portfwd_open(&a->pf, m, id, o);
@@ -225,7 +226,17 @@ static void log_to_relay(void *ud, enum log_level level, const char *msg, size_t
 
 static void on_stats_timer(uv_timer_t *t)
 {
-    send_stats(t->data);
+    struct agent *a = t->data;
+    send_stats(a);
+    ports_scanner_idle_scan(a->ports); /* awake anyway: an idle workspace's ports scan */
+}
+
+/* For the ports scanner: streams are open (SSH, terminals, forwards) or start scripts run. */
+static bool in_use(void *ud)
+{
+    struct agent *a = ud;
+    struct mux *m = a->dial ? dial_mux(a->dial) : NULL; /* NULL once stopped */
+    return (m && mux_stream_count(m) > 0) || (a->lc && lifecycle_state(a->lc) == PROTO_LC_STARTING);
 }
 
 /* The manifest's stats_interval (seconds; 0: no stats), else the default. */
@@ -341,7 +352,8 @@ struct agent *agent_new(uv_loop_t *loop, const struct dial_config *cfg, struct s
     a->log = agentlog_new(loop, send_logs, a);
     a->ports = ports_scanner_new(
         loop, opts->ports_interval_ms ? opts->ports_interval_ms : PORTS_SCAN_MS_DEFAULT,
-        send_report, a);
+        opts->ports_idle_after_ms ? opts->ports_idle_after_ms : PORTS_IDLE_AFTER_MS, send_report,
+        in_use, a);
     a->dial = dial_new(loop, cfg, &agent_streams, &agent_dial_events, a);
     if (!a->dial || !a->log || !a->ports) {
         if (a->dial)

@@ -25,6 +25,7 @@ struct agent_options {
     const struct rpty_config *pty;            /* reconnecting PTYs; NULL: defaults */
     const struct lifecycle_config *lifecycle; /* startup/shutdown scripts; NULL: none */
     uint64_t ports_interval_ms;               /* 0: PORTS_SCAN_MS_DEFAULT */
+    uint64_t ports_idle_after_ms;             /* 0: PORTS_IDLE_AFTER_MS */
     const struct fwdpolicy *forward_policy;   /* targets of tcp streams; NULL: loopback */
     /* The agent's own log lines stay on stderr, not in the workspace's logs (the demo,
      * whose relay logs to the same stderr from the same process). */

@@ -48,8 +48,11 @@ static const char agent_usage[] =
     "  --shutdown-script CMD      run CMD on SIGTERM or the relay's shutdown, before the\n"
     "                             sessions are hung up\n"
     "  --shutdown-timeout DURATION  kill it after this long (default 1m)\n"
-    "  --ports-interval DURATION  how often listening ports are read from /proc (default 2s;\n"
-    "                             100ms..1h)\n"
+    "  --ports-interval DURATION  how often listening ports are read from /proc while the\n"
+    "                             workspace is in use (default 2s; 100ms..1h); once idle,\n"
+    "                             only with the stats (every 30s by default)\n"
+    "  --ports-idle-after DURATION  idle: this long after the last stream closed or start\n"
+    "                             script ended (default 1m; 1s..24h)\n"
     "  --ssh-accept-env LIST      environment names SSH clients may set, comma-separated,\n"
     "                             '*' wildcards allowed (default LANG,LC_*,TERM,\n"
     "                             TETHER_SESSION_TYPE)\n"
@@ -100,9 +103,9 @@ static void on_relay_shutdown(void *arg)
     shut_down(arg);
 }
 
-/* --startup-*, --shutdown-*, --ports-interval; returns 0, -1 (said why), or 1 (not ours). */
+/* --startup-*, --shutdown-*, --ports-*; returns 0, -1 (said why), or 1 (not ours). */
 static int lifecycle_option(int c, const char *arg, struct lifecycle_config *lc,
-                            uint64_t *ports_interval_ms)
+                            struct agent_options *ao)
 {
     uint64_t ms;
     switch (c) {
@@ -129,7 +132,14 @@ static int lifecycle_option(int c, const char *arg, struct lifecycle_config *lc,
             cli_error("bad --ports-interval '%s' (e.g. 500ms, 2s; from 100ms to 1h)", arg);
             return -1;
         }
-        *ports_interval_ms = ms;
+        ao->ports_interval_ms = ms;
+        return 0;
+    case 'q':
+        if (cli_duration_ms(arg, &ms) < 0 || ms < 1000 || ms > 24 * 3600 * 1000ull) {
+            cli_error("bad --ports-idle-after '%s' (e.g. 30s, 5m; from 1s to 24h)", arg);
+            return -1;
+        }
+        ao->ports_idle_after_ms = ms;
         return 0;
     }
     return 1;
@@ -207,6 +217,7 @@ int cmd_agent(int argc, char **argv)
                                          {"shutdown-script", required_argument, NULL, 'z'},
                                          {"shutdown-timeout", required_argument, NULL, 'Z'},
                                          {"ports-interval", required_argument, NULL, 'p'},
+                                         {"ports-idle-after", required_argument, NULL, 'q'},
                                          {"forward-allow", required_argument, NULL, 'W'},
                                          CLI_OPTS_CLIENT,
                                          CLI_OPTS_KEEPALIVE,
@@ -247,7 +258,7 @@ int cmd_agent(int argc, char **argv)
             sc.workdir = optarg;
             continue;
         }
-        int lrc = lifecycle_option(c, optarg, &lc_cfg, &ao.ports_interval_ms);
+        int lrc = lifecycle_option(c, optarg, &lc_cfg, &ao);
         if (lrc <= 0) {
             if (lrc < 0)
                 return EXIT_USAGE;

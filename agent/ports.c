@@ -20,7 +20,11 @@
 struct ports_scanner {
     uv_loop_t *loop;
     uv_timer_t timer;
+    uint64_t interval_ms, idle_after_ms;
+    bool idle;            /* the timer runs every PORTS_IDLE_SCAN_MS, not every interval */
+    uint64_t last_use_ms; /* when in_use last said yes (or the scanner started) */
     void (*changed)(void *ud, json_t *msg);
+    bool (*in_use)(void *ud);
     void *ud;
     struct port_entry *last;
     size_t nlast;
@@ -218,24 +222,62 @@ static void scan(struct ports_scanner *s)
     s->unavailable = !ok;
 }
 
+static void on_scan(uv_timer_t *t);
+
+static void set_idle(struct ports_scanner *s, bool idle)
+{
+    s->idle = idle;
+    uint64_t every = idle ? PORTS_IDLE_SCAN_MS : s->interval_ms;
+    uv_timer_start(&s->timer, on_scan, every, every);
+}
+
 static void on_scan(uv_timer_t *t)
 {
-    scan(t->data);
+    struct ports_scanner *s = t->data;
+    scan(s);
+    uint64_t now = uv_now(s->loop);
+    if (s->in_use(s->ud))
+        s->last_use_ms = now;
+    else if (!s->idle && now - s->last_use_ms >= s->idle_after_ms)
+        set_idle(s, true);
 }
 
 struct ports_scanner *ports_scanner_new(uv_loop_t *loop, uint64_t interval_ms,
-                                        void (*changed)(void *ud, json_t *msg), void *ud)
+                                        uint64_t idle_after_ms,
+                                        void (*changed)(void *ud, json_t *msg),
+                                        bool (*in_use)(void *ud), void *ud)
 {
     struct ports_scanner *s = calloc(1, sizeof(*s));
     if (!s)
         return NULL;
     s->loop = loop;
+    s->interval_ms = interval_ms;
+    s->idle_after_ms = idle_after_ms;
     s->changed = changed;
+    s->in_use = in_use;
     s->ud = ud;
+    s->last_use_ms = uv_now(loop);
     uv_timer_init(loop, &s->timer);
     s->timer.data = s;
-    uv_timer_start(&s->timer, on_scan, interval_ms, interval_ms);
+    set_idle(s, false);
     return s;
+}
+
+void ports_scanner_wake(struct ports_scanner *s)
+{
+    s->last_use_ms = uv_now(s->loop);
+    if (!s->idle)
+        return;
+    scan(s);
+    set_idle(s, false);
+}
+
+void ports_scanner_idle_scan(struct ports_scanner *s)
+{
+    if (!s->idle)
+        return;
+    scan(s);
+    set_idle(s, true); /* the fallback timer counts from this scan */
 }
 
 void ports_scanner_reset(struct ports_scanner *s)

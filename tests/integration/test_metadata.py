@@ -228,6 +228,55 @@ def test_ports_interval_long_means_no_rescan(harness, tmp_path):
         v6.close()
 
 
+def test_idle_agent_reads_ports_only_with_its_stats_until_a_stream_wakes_it(harness, servers,
+                                                                           tmp_path):
+    """--ports-idle-after 1s: with no stream open, the 200 ms scans stop and the ports are read
+    only with the stats (every 30 s here); a forward's stream brings the interval back at
+    once, and it holds while the stream is open."""
+    ws = Workspace(harness, tmp_path)
+    ws.start_agent(["--ports-interval", "200ms", "--ports-idle-after", "1s"])
+    echo = servers.echo()
+    time.sleep(2.5)  # idle by now: nothing opened a stream
+    v4, v6 = listeners()
+    want = (v4.getsockname()[1], "ipv4")
+    try:
+        time.sleep(3)
+        assert want not in port_set(ws), "an idle agent went on scanning every 200 ms"
+        fwd = harness.forward(ws.relay, "alpha", echo.port)
+        c = fwd.connect()
+        wait_until(lambda: want in port_set(ws), timeout=3,
+                   what="the listener once a stream woke the scanner")
+        time.sleep(2)  # past --ports-idle-after, with the stream still open
+    finally:
+        v4.close()
+        v6.close()
+    wait_until(lambda: want not in port_set(ws), timeout=3,
+               what="the listener gone while the stream keeps the workspace in use")
+    c.close()
+
+
+def test_idle_agent_reads_ports_with_each_stats_report(harness, tmp_path):
+    ws = Workspace(harness, tmp_path, relay_extra=["--stats-interval", "1"])
+    ws.start_agent(["--ports-interval", "200ms", "--ports-idle-after", "1s"])
+    time.sleep(2.5)
+    v4, v6 = listeners()
+    try:
+        wait_until(lambda: (v4.getsockname()[1], "ipv4") in port_set(ws), timeout=4,
+                   what="the listener, read with a stats report (every 1 s)")
+    finally:
+        v4.close()
+        v6.close()
+
+
+@pytest.mark.parametrize("value", ["0", "500ms", "25h", "x"])
+def test_ports_idle_after_is_validated(harness, value):
+    relay = harness.relay()
+    r = harness.run("agent", "--url", relay.url, "--token-file",
+                    harness.tokens.agent_file("alpha"), "--ports-idle-after", value, timeout=30)
+    assert r.returncode == 2, (value, r.returncode, r.stderr)
+    assert "ports-idle-after" in r.stderr, r.stderr
+
+
 @pytest.mark.parametrize("value", ["50ms", "99ms", "2h", "0", "abc", "-1s"])
 def test_ports_interval_is_validated(harness, value):
     relay = harness.relay()
