@@ -1,5 +1,6 @@
 #include "agent.h"
 
+#include <malloc.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -224,19 +225,26 @@ static void log_to_relay(void *ud, enum log_level level, const char *msg, size_t
         agentlog_line(a->log, "agent", msg, len);
 }
 
-static void on_stats_timer(uv_timer_t *t)
-{
-    struct agent *a = t->data;
-    send_stats(a);
-    ports_scanner_idle_scan(a->ports); /* awake anyway: an idle workspace's ports scan */
-}
-
-/* For the ports scanner: streams are open (SSH, terminals, forwards) or start scripts run. */
+/* Streams are open (SSH, terminals, forwards) or start scripts run. */
 static bool in_use(void *ud)
 {
     struct agent *a = ud;
     struct mux *m = a->dial ? dial_mux(a->dial) : NULL; /* NULL once stopped */
     return (m && mux_stream_count(m) > 0) || (a->lc && lifecycle_state(a->lc) == PROTO_LC_STARTING);
+}
+
+static void on_stats_timer(uv_timer_t *t)
+{
+    struct agent *a = t->data;
+    send_stats(a);
+    ports_scanner_idle_scan(a->ports); /* awake anyway: an idle workspace's ports scan */
+    /*
+     * With nothing open, give the heap's free pages back. glibc returns only the top of the
+     * heap by itself: after 1,000 streams closed the agent kept 11 MB of anonymous memory
+     * it no longer used, chunks freed between ones still live.
+     */
+    if (!in_use(a))
+        malloc_trim(0);
 }
 
 /* The manifest's stats_interval (seconds; 0: no stats), else the default. */
