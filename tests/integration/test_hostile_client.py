@@ -1518,6 +1518,45 @@ def test_agent_ssh_listen_slowloris(harness, tmp_path):
     assert agent.alive(), agent.describe()
 
 
+def test_tunnel_ssh_stream_that_never_logs_in_is_ended_after_the_grace(harness, tmp_path):
+    """The grace time holds for SSH over the tunnel too: a websocket to /ssh that stops
+    after the agent's banner (no key exchange, no login) is ended by the agent after
+    --ssh-login-grace, its reason logged; a new stream gets a banner meanwhile."""
+    relay = harness.relay()
+    agent = harness.agent(relay, "alpha",
+                          extra=["--ssh-login-grace", "%ds" % SSH_LOGIN_GRACE_S])
+    url = "%s/api/v1/workspaces/alpha/ssh" % relay.url
+    headers = {"Authorization": "Bearer " + harness.tokens.user_token()}
+
+    async def go():
+        silent = await websockets.connect(url, extra_headers=headers, max_size=None,
+                                          ping_interval=None, open_timeout=15)
+        probe = await websockets.connect(url, extra_headers=headers, max_size=None,
+                                         ping_interval=None, open_timeout=15)
+        banner = await asyncio.wait_for(probe.recv(), 10)
+        await probe.close()
+        # The stream's end reaches the client as an empty message (PROTOCOL.md: the byte
+        # stream's EOF), or as the close.
+        t0, got = time.monotonic(), b""
+        try:
+            for _ in range(1000):
+                m = await asyncio.wait_for(silent.recv(), SSH_LOGIN_GRACE_S + 10)
+                if not m:
+                    break
+                got += m
+        except websockets.exceptions.ConnectionClosed:
+            pass
+        await silent.close()
+        return banner, got, time.monotonic() - t0
+    banner, got, secs = asyncio.run(go())
+    assert bytes(banner).startswith(b"SSH-2.0-"), banner
+    assert got.startswith(b"SSH-2.0-"), got[:100]
+    assert secs >= SSH_LOGIN_GRACE_S - 1, "ended after %.1fs, before the grace time" % secs
+    wait_until(lambda: "a tunnel connection was not authenticated within 3000 ms" in
+               agent.stderr(), timeout=10, what="the agent to log why it ended the stream")
+    assert agent.alive(), agent.describe()
+
+
 def test_agent_ssh_listen_caps_unauthenticated_connections(harness, tmp_path):
     """Past SSHD_MAX_UNAUTHENTICATED (64) silent connections at once, the next are closed at
     accept with one log line per burst; once the grace time has closed the others, a new
