@@ -354,7 +354,9 @@ static void on_login_timer_closed(uv_handle_t *h)
     ssh_conn_unref(h->data);
 }
 
-void ssh_conn_authenticated(struct ssh_conn *c)
+/* The connection leaves the login phase (it authenticated, or it ends): the grace timer
+ * stops, and a local one no longer counts against SSHD_MAX_UNAUTHENTICATED. */
+static void end_login_phase(struct ssh_conn *c)
 {
     if (!c->login_pending)
         return;
@@ -362,6 +364,11 @@ void ssh_conn_authenticated(struct ssh_conn *c)
     if (c->local)
         c->d->unauthenticated--;
     uv_timer_stop(&c->login_timer);
+}
+
+void ssh_conn_authenticated(struct ssh_conn *c)
+{
+    end_login_phase(c);
 }
 
 static uint64_t login_grace_ms(const struct sshd *d)
@@ -384,7 +391,7 @@ static void conn_teardown(struct ssh_conn *c)
     if (c->closing)
         return;
     c->closing = true;
-    ssh_conn_authenticated(c); /* stops the grace timer and the count */
+    end_login_phase(c);
     uv_close((uv_handle_t *)&c->login_timer, on_login_timer_closed);
     ssh_forward_close_all(c);
     while (c->chans) {
