@@ -1,6 +1,5 @@
 #include "agent.h"
 
-#include <malloc.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
@@ -16,6 +15,7 @@
 #include "ports.h"
 #include "ptystream.h"
 #include "stream.h"
+#include "tunnel/heap.h"
 #include "tunnel/log.h"
 
 #define AGENT_STATS_MS 30000u /* stats interval until a manifest says otherwise */
@@ -244,7 +244,7 @@ static void on_stats_timer(uv_timer_t *t)
      * it no longer used, chunks freed between ones still live.
      */
     if (!in_use(a))
-        malloc_trim(0);
+        heap_trim();
 }
 
 /* The manifest's stats_interval (seconds; 0: no stats), else the default. */

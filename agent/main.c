@@ -13,6 +13,14 @@
 #include <uv.h>
 #include <zlib.h>
 #include <libwebsockets.h>
+#if defined(LWS_WITH_MBEDTLS)
+#include <mbedtls/version.h>
+#else
+#include <openssl/crypto.h>
+#endif
+#ifdef __GLIBC__
+#include <gnu/libc-version.h>
+#endif
 
 #include "cli.h"
 #include "commands.h"
@@ -99,11 +107,30 @@ static void hold_mmap_threshold(void)
 #endif
 }
 
+/* The TLS library libwebsockets and libssh were built with: OpenSSL, or mbedTLS in the
+ * static build (packaging/static/build.sh). */
+static const char *tls_library_version(void)
+{
+#if defined(LWS_WITH_MBEDTLS)
+    static char v[32];
+    mbedtls_version_get_string_full(v);
+    return v;
+#else
+    return OpenSSL_version(OPENSSL_VERSION);
+#endif
+}
+
 static int cmd_version(void)
 {
     printf("tether %s\n", TETHER_VERSION);
-    printf("libuv %s, libwebsockets %s, libssh %s, jansson %s, zlib %s\n", uv_version_string(),
-           lws_get_library_version(), ssh_version(0), JANSSON_VERSION, zlibVersion());
+    printf("libuv %s, libwebsockets %s, libssh %s, %s, jansson %s, zlib %s\n", uv_version_string(),
+           lws_get_library_version(), ssh_version(0), tls_library_version(), JANSSON_VERSION,
+           zlibVersion());
+#ifdef __GLIBC__
+    printf("glibc %s, dynamically linked\n", gnu_get_libc_version());
+#else
+    printf("musl libc, statically linked\n");
+#endif
     return EXIT_OK;
 }
 

@@ -12,7 +12,8 @@
 
 #include "tunnel/log.h"
 
-#define TCP_LISTEN 0x0A
+/* st of a listening socket in /proc/net/tcp* (the kernel's TCP_LISTEN) */
+#define PROC_NET_ST_LISTEN 0x0A
 #define PROC_NET_MAX (4u * 1024 * 1024) /* bytes of one /proc/net/tcp* file read */
 /* The fields read from a /proc/net/tcp* line are in its first 160 bytes or so. */
 #define PROC_NET_LINE_MAX 256
@@ -70,7 +71,7 @@ int ports_parse(const char *text, bool ipv6, struct port_entry *out, size_t cap,
         if (sscanf(one, " %*u: %39[0-9A-Fa-f]:%x %*s %x %*s %*s %*s %*u %*d %lu", addr, &port,
                    &state, &inode) != 4)
             continue;
-        if (state != TCP_LISTEN || port == 0 || port > 65535 || *n >= cap)
+        if (state != PROC_NET_ST_LISTEN || port == 0 || port > 65535 || *n >= cap)
             continue;
         struct port_entry *e = &out[*n];
         memset(e, 0, sizeof(*e));

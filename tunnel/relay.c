@@ -1,6 +1,5 @@
 #include "relay.h"
 
-#include <malloc.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -9,6 +8,7 @@
 
 #include "bytebuf.h"
 #include "chunkq.h"
+#include "heap.h"
 #include "log.h"
 #include "manifestfile.h"
 #include "mux.h"
@@ -1663,7 +1663,7 @@ static void trim_when_clients_gone(struct relay *r)
     for (struct relay_agent *a = r->agents; a && !has; a = a->next)
         has = a->clients != NULL;
     if (!has && r->had_clients)
-        malloc_trim(0);
+        heap_trim();
     r->had_clients = has;
 }
 
