@@ -1045,6 +1045,9 @@ def pytest_configure(config):
         "markers", "plain_build: asserts memory figures, which an ASan build's quarantine and "
         "shadow memory make meaningless; skipped when TETHER_SANITIZED is set (tests/run "
         "runs these against the plain build)")
+    config.addinivalue_line(
+        "markers", "static_build: runs the static binary (TETHER_STATIC_BIN, made by "
+        "packaging/static/build.sh); tests/run runs these in a pass of their own")
 
 
 def pytest_collection_modifyitems(config, items):
