@@ -13,6 +13,7 @@ The users in the chroot's /etc/passwd do not exist on the host, so the session's
 and shell can only have come from the chroot.
 """
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -21,7 +22,8 @@ import subprocess
 import pexpect
 import pytest
 
-from conftest import SshEnv, WORKSPACES, can_unshare_pid, mount_namespace_available
+from conftest import (SshEnv, WORKSPACES, can_unshare_pid, echo_roundtrip,
+                      mount_namespace_available, wait_until)
 
 pytestmark = pytest.mark.static_build
 
@@ -76,6 +78,26 @@ def make_root(root):
     os.symlink("pts/ptmx", os.path.join(root, "dev/ptmx"))
 
 
+def in_root_argv(root, argv, env, as_root=False):
+    """The command that runs argv in root as a container runtime would: in a PID namespace of
+    its own (everything in it ends with it), with its own /proc and /dev/pts, an environment
+    of PATH and env alone, as USER unless as_root."""
+    user = "" if as_root else "--userspec=%d:%d --groups=%d" % (UID, UID, UID)
+    script = ('r=$1 && shift && mount -t proc proc "$r/proc" && '
+              'mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts "$r/dev/pts" && '
+              'exec env -i PATH=/usr/local/bin:/bin %s /usr/sbin/chroot %s "$r" "$@"'
+              % (" ".join("%s=%s" % kv for kv in sorted(env.items())), user))
+    return (["unshare", "--mount", "--propagation", "private", "--pid", "--fork",
+             "--kill-child", "--", "/bin/sh", "-c", script, "sh", root] + list(argv))
+
+
+def put_token(root, tokens, workspace=WORKSPACES[0]):
+    token = root + TOKEN_IN_ROOT
+    shutil.copy2(str(tokens.agent_file(workspace)), token)
+    os.chown(token, UID, UID)
+    os.chmod(token, 0o600)
+
+
 def copy_in(static_bin):
     """An installer for ChrootSshEnv: what packaging/docker/Dockerfile.fragment does, the
     binary copied to /usr/local/bin and ENTRYPOINT ["/usr/local/bin/tether", "agent"]."""
@@ -104,23 +126,13 @@ class ChrootSshEnv(SshEnv):
         super().__init__(harness, tmp, isolate=False)
 
     def agent_args(self, state_dir=None, extra=()):
-        token = self.root + TOKEN_IN_ROOT
-        if not os.path.exists(token):
-            shutil.copy2(str(self.tokens.agent_file(self.workspace)), token)
-            os.chown(token, UID, UID)
-            os.chmod(token, 0o600)
+        if not os.path.exists(self.root + TOKEN_IN_ROOT):
+            put_token(self.root, self.tokens, self.workspace)
         if self.entrypoint is None:  # the relay exists now: installers may need its URL
             self.entrypoint = self.install(self.root, self.relay.url)
-        user = "" if self.as_root else "--userspec=%d:%d --groups=%d" % (UID, UID, UID)
-        config = ("TETHER_URL=%s TETHER_TOKEN_FILE=%s" % (self.relay.url, TOKEN_IN_ROOT)
-                  if self.configure_by_env else "")
-        script = ('r=$1 && shift && mount -t proc proc "$r/proc" && '
-                  'mount -t devpts -o newinstance,ptmxmode=0666,mode=0620 devpts "$r/dev/pts" && '
-                  'exec env -i PATH=/usr/local/bin:/bin %s /usr/sbin/chroot %s "$r" "$@"'
-                  % (config, user))
-        return (["unshare", "--mount", "--propagation", "private", "--pid", "--fork",
-                 "--kill-child", "--", "/bin/sh", "-c", script, "sh", self.root]
-                + self.entrypoint + [str(a) for a in extra])
+        config = {"TETHER_URL": self.relay.url, "TETHER_TOKEN_FILE": TOKEN_IN_ROOT}
+        return in_root_argv(self.root, self.entrypoint + [str(a) for a in extra],
+                            config if self.configure_by_env else {}, self.as_root)
 
 
 @pytest.fixture
@@ -320,3 +332,53 @@ def test_devcontainer_feature_installs_and_starts_the_agent_in_an_empty_root(
     r = env.ssh("id -un; echo $HOME")
     assert r.returncode == 0 and r.stdout == ("%s\n%s\n" % (USER, HOME)).encode(), (
         r, env.agent_log())
+
+
+def test_wss_to_an_openssl_relay_trusting_the_images_ca_bundle(static_bin, harness, tmp_path,
+                                                                 servers):
+    """The static agent (mbedTLS) dials a relay that serves TLS with OpenSSL, and verifies its
+    certificate against the image's /etc/ssl/certs/ca-certificates.crt, the default where no
+    --ca-file is given; a forward then carries bytes through it intact."""
+    needs_root_and_namespaces()
+    pki = tmp_path / "pki"
+    pki.mkdir()
+
+    def openssl(*args):
+        subprocess.run(["openssl"] + list(args), cwd=str(pki), check=True,
+                       capture_output=True, timeout=60)
+    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=tether test CA")
+    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
+            "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=localhost")
+    (pki / "ext.cnf").write_text("subjectAltName=DNS:localhost\n")
+    openssl("x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
+            "-CAcreateserial", "-out", "srv.pem", "-days", "2", "-extfile", "ext.cnf")
+    relay = harness.relay(extra=["--tls-cert", pki / "srv.pem", "--tls-key", pki / "srv.key"],
+                          wait=False)
+    port = wait_until(lambda: (re.search(r"relay listening on wss://127\.0\.0\.1:(\d+)",
+                                         relay.stderr()) or [None, None])[1],
+                      what="the TLS relay to listen")
+    url = "wss://localhost:%s" % port
+
+    root = str(tmp_path / "root")
+    make_root(root)
+    copy_in(static_bin)(root, url)
+    os.makedirs(os.path.join(root, "etc/ssl/certs"))
+    shutil.copy2(str(pki / "ca.pem"), os.path.join(root, "etc/ssl/certs/ca-certificates.crt"))
+    with open(os.path.join(root, "etc/hosts"), "w") as f:
+        f.write("127.0.0.1 localhost\n")
+    put_token(root, harness.tokens)
+    agent = harness.procs.start("agent-in-root", in_root_argv(
+        root, ["/usr/local/bin/tether", "agent"],
+        {"TETHER_URL": url, "TETHER_TOKEN_FILE": TOKEN_IN_ROOT}))
+
+    def connected():
+        assert agent.alive(), agent.describe()
+        r = harness.run("status", "--url", url, "--ca-file", pki / "ca.pem", "--token-file",
+                        harness.tokens.user_file(), WORKSPACES[0])
+        return r.returncode == 0 and json.loads(r.stdout)["connected"] is True
+    wait_until(connected, timeout=20, what="the static agent to connect over wss")
+    echo = servers.echo()
+    fwd = harness.forward(None, WORKSPACES[0], echo.port, url=url,
+                          extra=["--ca-file", pki / "ca.pem"])
+    echo_roundtrip(fwd.port, nbytes=2 * 1024 * 1024)
