@@ -1,5 +1,6 @@
 #include "wsctx.h"
 
+#include <errno.h>
 #include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -36,6 +37,18 @@ static void emit_lws_log(int level, const char *line)
 int wsctx_create(struct wsctx *w, const struct wsctx_config *cfg, char *err, size_t errlen)
 {
     memset(w, 0, sizeof(*w));
+    /*
+     * libwebsockets opens /dev/urandom when its context is created, and when that fails its
+     * cleanup runs the libuv loop it has not set up yet: the process crashes (lws 4.1.6).
+     * Container runtimes give every image /dev/urandom, but a bare chroot may lack it.
+     */
+    if (access(WSCTX_RANDOM_DEVICE, R_OK) != 0) {
+        snprintf(err, errlen,
+                 "cannot read %s (%s): libwebsockets needs it; give the workspace a /dev "
+                 "with it, as container runtimes do",
+                 WSCTX_RANDOM_DEVICE, strerror(errno));
+        return -1;
+    }
     /* TETHER_LWS_LOG=<lws log bitmask> shows more of libwebsockets' own log, for debugging. */
     const char *lws_log = getenv("TETHER_LWS_LOG");
     lws_set_log_level(lws_log ? atoi(lws_log) : LLL_ERR, emit_lws_log);

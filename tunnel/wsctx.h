@@ -75,6 +75,8 @@ void wsctx_confirm_valid(struct lws *wsi, uint64_t now_ms, uint64_t *last_ms);
 
 /* The system's CA bundle used when no --ca-file is given. */
 #define WSCTX_SYSTEM_CA_FILE "/etc/ssl/certs/ca-certificates.crt"
+/* libwebsockets reads its random bytes from here (it refuses to start without it). */
+#define WSCTX_RANDOM_DEVICE "/dev/urandom"
 
 /* Returns 0, or -1 with one line in err. */
 int wsctx_create(struct wsctx *w, const struct wsctx_config *cfg, char *err, size_t errlen);
