@@ -168,6 +168,13 @@ build_mbedtls() {
     # requires (its auto_init fails otherwise).
     (cd "$src" && python3 scripts/config.py set MBEDTLS_THREADING_C &&
         python3 scripts/config.py set MBEDTLS_THREADING_PTHREAD) || die "mbedtls: config.py failed"
+    # Its entropy comes from getrandom(2) only under glibc; under musl it would fopen
+    # /dev/urandom at every reseed, which fails at the fd limit (SSH key exchanges fail) and
+    # in an image without /dev/urandom. musl has SYS_getrandom too (mbedTLS 3 dropped the test).
+    sed -i 's/#if ((defined(__linux__) \&\& defined(__GLIBC__)) || defined(__midipix__))/#if (defined(__linux__) || defined(__midipix__))/' \
+        "$src/library/entropy_poll.c"
+    grep -q '^#if (defined(__linux__) || defined(__midipix__))' "$src/library/entropy_poll.c" ||
+        die "mbedtls: library/entropy_poll.c no longer has the getrandom test this script edits"
     cmake_build "$src" -DENABLE_TESTING=OFF -DENABLE_PROGRAMS=OFF \
         -DUSE_SHARED_MBEDTLS_LIBRARY=OFF -DUSE_STATIC_MBEDTLS_LIBRARY=ON -DMBEDTLS_FATAL_WARNINGS=OFF
     # mbedTLS 2.28 installs no pkg-config file; meson finds it through this one.
