@@ -518,7 +518,8 @@ def test_a_host_key_path_that_cannot_be_checked_is_not_replaced(harness, relay, 
                     harness.tokens.agent_file("alpha"), "--state-dir", state, timeout=15)
     assert r.returncode == 1, (r.returncode, r.stderr)
     line = one_line_naming(r.stderr, key)
-    assert "cannot read the host key" in line and "symbolic links" in line, line
+    # strerror(ELOOP): glibc "Too many levels of symbolic links", musl "Symbolic link loop"
+    assert "cannot read the host key" in line and "symbolic link" in line.lower(), line
     assert os.readlink(str(key)) == SSH_HOST_KEY
     assert sorted(os.listdir(str(state))) == [SSH_HOST_KEY]
 

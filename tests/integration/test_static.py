@@ -52,10 +52,11 @@ def needs_root_and_namespaces():
         pytest.fail("%s is not busybox-static (apt-get install busybox-static)" % BUSYBOX)
 
 
-def make_root(root):
+def make_root(root, random_devices=True):
     """An empty root with only busybox and what a container runtime gives any image:
     /etc/passwd, /etc/group, /dev nodes, /tmp. /proc and /dev/pts are mounted by the agent's
-    wrapper in its own mount namespace."""
+    wrapper in its own mount namespace. random_devices=False leaves out /dev/random and
+    /dev/urandom."""
     for d in ("bin", "etc", "dev/pts", "proc", "tmp", "home"):
         os.makedirs(os.path.join(root, d), exist_ok=True)
     os.chmod(os.path.join(root, "tmp"), 0o1777)
@@ -70,8 +71,10 @@ def make_root(root):
     os.makedirs(home)
     os.chown(home, UID, UID)
     os.chmod(home, 0o755)
-    for name, major, minor in (("null", 1, 3), ("zero", 1, 5), ("random", 1, 8),
-                               ("urandom", 1, 9), ("tty", 5, 0)):
+    devices = [("null", 1, 3), ("zero", 1, 5), ("tty", 5, 0)]
+    if random_devices:
+        devices += [("random", 1, 8), ("urandom", 1, 9)]
+    for name, major, minor in devices:
         path = os.path.join(root, "dev", name)
         os.mknod(path, 0o666 | 0o020000, os.makedev(major, minor))
         os.chmod(path, 0o666)
@@ -116,9 +119,10 @@ class ChrootSshEnv(SshEnv):
     /etc/passwd). It runs as USER unless as_root (then the entrypoint switches users).
     The whole process tree lives in its own PID namespace: it ends with the test."""
 
-    def __init__(self, harness, tmp, install, as_root=False, configure_by_env=True):
+    def __init__(self, harness, tmp, install, as_root=False, configure_by_env=True,
+                 random_devices=True):
         self.root = str(tmp / "root")
-        make_root(self.root)
+        make_root(self.root, random_devices)
         self.install = install
         self.entrypoint = None
         self.as_root = as_root
@@ -382,3 +386,18 @@ def test_wss_to_an_openssl_relay_trusting_the_images_ca_bundle(static_bin, harne
     fwd = harness.forward(None, WORKSPACES[0], echo.port, url=url,
                           extra=["--ca-file", pki / "ca.pem"])
     echo_roundtrip(fwd.port, nbytes=2 * 1024 * 1024)
+
+
+def test_a_root_without_dev_urandom_is_refused_with_the_reason(static_bin, tmp_path, relay):
+    """libwebsockets needs /dev/urandom (and crashes in its cleanup without it): the agent
+    checks first and says what is missing."""
+    needs_root_and_namespaces()
+    root = str(tmp_path / "root")
+    make_root(root, random_devices=False)
+    copy_in(static_bin)(root, relay.url)
+    put_token(root, relay.tokens)
+    r = subprocess.run(in_root_argv(root, ["/usr/local/bin/tether", "agent", "--url", relay.url,
+                                           "--token-file", TOKEN_IN_ROOT], {}),
+                       capture_output=True, text=True, timeout=30)
+    assert r.returncode == 1, r
+    assert "cannot read /dev/urandom (No such file or directory)" in r.stderr, r.stderr
