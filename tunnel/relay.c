@@ -816,6 +816,10 @@ static int serve_http(struct relay *r, struct lws *wsi, const char *uri)
     if (lws_hdr_total_length(wsi, WSI_TOKEN_GET_URI) <= 0)
         return http_error(wsi, 405, "method not allowed");
     route_parse(uri, &rt);
+    /* For load balancers and Kubernetes probes, which carry no token: it says nothing but
+     * that the relay's loop is serving. */
+    if (rt.kind == ROUTE_HEALTH)
+        return http_json(wsi, json_pack("{s:s}", "status", "ok"));
     if (rt.kind != ROUTE_LIST && rt.kind != ROUTE_ONE && rt.kind != ROUTE_LOGS &&
         rt.kind != ROUTE_METRICS)
         return http_error(wsi, 404, "not found");

@@ -21,6 +21,10 @@ void route_parse(const char *uri, struct route *rt)
         rt->kind = ROUTE_METRICS;
         return;
     }
+    if (strcmp(uri, "/healthz") == 0) {
+        rt->kind = ROUTE_HEALTH;
+        return;
+    }
     if (strcmp(uri, ws_prefix) == 0 || strcmp(uri, "/api/v1/workspaces/") == 0) {
         rt->kind = ROUTE_LIST;
         return;

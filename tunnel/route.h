@@ -35,6 +35,7 @@ enum route_kind {
     ROUTE_ONE,
     ROUTE_LOGS,
     ROUTE_METRICS,
+    ROUTE_HEALTH, /* GET /healthz: the relay answers; no token (PROTOCOL.md 14.4.3) */
     ROUTE_AGENT,
     ROUTE_TCP,
     ROUTE_SSH,

@@ -123,6 +123,26 @@ def test_non_bearer_scheme_refused(relay):
         conn.close()
 
 
+def test_healthz_answers_without_a_token_and_tells_nothing_else(relay, agent):
+    """GET /healthz: 200 {"status":"ok"} for probes, with no token, naming no workspace;
+    a neighbouring path or another method is not it."""
+    status, body = relay.api("/healthz", token=None, user=None)
+    assert status == 200 and json.loads(body) == {"status": "ok"}, (status, body)
+    status, body = relay.api("/healthz", token="wrong-token")
+    assert status == 200 and b"alpha" not in body, (status, body)
+    for path in ("/healthz/", "/healthz/alpha", "/api/v1/healthz"):
+        assert relay.api(path, token=None, user=None)[0] in (401, 404), path
+    import http.client
+    conn = http.client.HTTPConnection("127.0.0.1", relay.port, timeout=10)
+    try:
+        conn.request("HEAD", "/healthz")
+        r = conn.getresponse()
+        r.read()
+        assert r.status == 405
+    finally:
+        conn.close()
+
+
 def test_404_unknown_workspace(relay):
     status, body = relay.api("/api/v1/workspaces/nosuch")
     assert status == 404, body
