@@ -5,6 +5,7 @@ and every tether flag or TETHER_* variable against what the real binary's --help
 The Feature's install.sh and entrypoint are run for real, into a scratch directory."""
 import configparser
 import filecmp
+import http.client
 import json
 import os
 import re
@@ -451,6 +452,23 @@ def test_kubernetes_example_secrets_load_in_a_real_relay(tether_bin, tmp_path):
         line = relay.stderr.readline()
         assert "listening" in line, "the relay did not start with the example tokens: %s%s" % (
             line, relay.stderr.read() if relay.poll() is not None else "")
+        # Every httpGet probe's path answers 200 with no token, as the kubelet asks.
+        port = int(re.search(r":(\d+)", line.split("listening on", 1)[1]).group(1))
+        paths = [c[p]["httpGet"]["path"]
+                 for d in load_manifests("relay.yaml") if d["kind"] == "Deployment"
+                 for c in d["spec"]["template"]["spec"]["containers"]
+                 for p in ("readinessProbe", "livenessProbe", "startupProbe")
+                 if "httpGet" in c.get(p, {})]
+        assert paths, "the relay's probes are not HTTP GETs of its health path"
+        for probe_path in paths:
+            conn = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            try:
+                conn.request("GET", probe_path)
+                r = conn.getresponse()
+                r.read()
+                assert r.status == 200, "GET %s without a token: HTTP %d" % (probe_path, r.status)
+            finally:
+                conn.close()
     finally:
         relay.kill()
         relay.wait(timeout=10)
