@@ -137,11 +137,17 @@ int cli_hostport(const char *text, char *host, size_t hostlen, int *port)
     return 0;
 }
 
+const char *cli_env(const char *name)
+{
+    const char *v = getenv(name);
+    return v && v[0] ? v : NULL;
+}
+
 int cli_client_resolve(struct cli_client *c)
 {
     char err[512];
     if (!c->url_text)
-        c->url_text = getenv("TETHER_URL");
+        c->url_text = cli_env("TETHER_URL");
     if (!c->url_text) {
         cli_error("no relay URL: give --url URL or set TETHER_URL");
         return EXIT_USAGE;
@@ -151,7 +157,7 @@ int cli_client_resolve(struct cli_client *c)
         return EXIT_USAGE;
     }
     if (!c->token_file)
-        c->token_file = getenv("TETHER_TOKEN_FILE");
+        c->token_file = cli_env("TETHER_TOKEN_FILE");
     /* Taken (or not) now, and gone from the environment either way: no child inherits it.
      * unsetenv only drops the pointer: the bytes stay in the initial environment, which
      * /proc/PID/environ (ps e) shows, so they are overwritten first. */

@@ -84,9 +84,16 @@ struct cli_client {
 };
 
 /*
+ * The value of environment variable name, or NULL if it is unset or empty: images and
+ * orchestrators often clear a variable with NAME= rather than unsetting it.
+ */
+const char *cli_env(const char *name);
+
+/*
  * Resolves the URL (--url or TETHER_URL) and the token (--token-file, TETHER_TOKEN_FILE,
- * or TETHER_TOKEN, in that order; TETHER_TOKEN is removed from the environment so that no
- * child inherits it). Prints the problem and returns EXIT_USAGE or EXIT_FAIL on failure.
+ * or TETHER_TOKEN, in that order; empty variables count as unset; TETHER_TOKEN is removed
+ * from the environment so that no child inherits it). Prints the problem and returns
+ * EXIT_USAGE or EXIT_FAIL on failure.
  */
 int cli_client_resolve(struct cli_client *c);
 void cli_client_free(struct cli_client *c);

@@ -230,6 +230,19 @@ def test_agent_sigterm_exits_0_and_disconnects(harness, relay, agent):
     wait_until(lambda: not relay.connected("alpha"), timeout=10, what="alpha to be offline")
 
 
+def test_empty_environment_variables_count_as_unset(harness, relay):
+    """TETHER_TOKEN_FILE= (cleared in a later layer of an image, say) does not hide
+    TETHER_TOKEN, and an empty TETHER_URL is reported as missing, not as a bad URL."""
+    env = dict(os.environ, TETHER_URL=relay.url, TETHER_TOKEN_FILE="",
+               TETHER_TOKEN=harness.tokens.user_token())
+    r = harness.run("status", env=env)
+    assert r.returncode == 0 and "alpha" in r.stdout, r
+    env = dict(os.environ, TETHER_URL="", TETHER_TOKEN=harness.tokens.user_token())
+    env.pop("TETHER_TOKEN_FILE", None)
+    r = harness.run("status", env=env)
+    assert r.returncode == 2 and "no relay URL: give --url URL or set TETHER_URL" in r.stderr, r
+
+
 def test_agent_env_url_and_token_file(harness, relay):
     """The agent takes TETHER_URL and TETHER_TOKEN_FILE from the environment."""
     env = dict(os.environ, TETHER_URL=relay.url,
