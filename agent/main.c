@@ -126,8 +126,10 @@ static int cmd_version(void)
     printf("libuv %s, libwebsockets %s, libssh %s, %s, jansson %s, zlib %s\n", uv_version_string(),
            lws_get_library_version(), ssh_version(0), tls_library_version(), JANSSON_VERSION,
            zlibVersion());
-#ifdef __GLIBC__
+#if defined(__GLIBC__)
     printf("glibc %s, dynamically linked\n", gnu_get_libc_version());
+#elif defined(TETHER_LIBC_VERSION) /* the static build (packaging/static/build.sh) */
+    printf("%s, statically linked\n", TETHER_LIBC_VERSION);
 #else
     printf("musl libc, statically linked\n");
 #endif

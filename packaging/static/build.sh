@@ -116,6 +116,7 @@ unpack() {
 # musl-gcc sees only musl's headers; libuv, libwebsockets and tether need the kernel's
 # (linux/, asm/), which Debian's linux-libc-dev provides and which are libc-neutral.
 prefix=$dir/deps
+musl_version=$(dpkg-query -W -f='${Version}' musl-dev 2>/dev/null | sed 's/-[^-]*$//')
 cflags="-O2 -ffunction-sections -fdata-sections -isystem $prefix/kernel-include"
 
 toolchain() {
@@ -252,6 +253,7 @@ stamp_of() {
         declare -f "build_$name" cmake_build toolchain
         echo "$cflags"
         musl-gcc --version | head -n 1
+        echo "musl $musl_version"
         cmake --version | head -n 1
     } | sha256sum | cut -d' ' -f1
 }
@@ -267,6 +269,8 @@ build_deps() {
             "build_$name"
             echo "$want" >"$prefix/.stamp-$name"
             rm -rf "$dir/work/$name"
+            # meson does not track libraries found through pkg-config: relink from scratch.
+            rm -rf "$dir/build"
         fi
         prev=$want
     done
@@ -281,7 +285,7 @@ build_tether() {
         say "configuring tether"
         CC=musl-gcc meson setup "$b" "$root" -Dbuildtype=release -Db_pie=false \
             -Dprefer_static=true -Ddefault_library=static \
-            -Dc_args="-isystem $prefix/kernel-include -ffunction-sections -fdata-sections" \
+            -Dc_args="-isystem $prefix/kernel-include -ffunction-sections -fdata-sections '-DTETHER_LIBC_VERSION=\"musl $musl_version\"'" \
             -Dc_link_args="-static -Wl,--gc-sections" >"$dir/meson.log" 2>&1 ||
             { tail -n 30 "$dir/meson.log" >&2; die "meson setup failed"; }
     fi
