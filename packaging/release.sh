@@ -5,6 +5,8 @@
 #   SHA256SUMS                     sha256sum -c checks both
 # VERSION has one source, meson.build's project version, which `tether version` prints; the
 # script refuses to ship a binary whose version differs. Also `ninja -C build release`.
+# TETHER_RELEASE_BINARY=PATH ships that static binary instead of running the static build
+# (for a pipeline that built it in an earlier step).
 set -euo pipefail
 
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -12,8 +14,14 @@ out=${1:-$root/build-dist}
 version=$(sed -n "s/^  version : '\([^']*\)',\$/\1/p" "$root/meson.build")
 [ -n "$version" ] || { echo "release.sh: no project version in meson.build" >&2; exit 1; }
 
-bin=$("$root/packaging/static/build.sh" | tail -n 1)
-got=$("$bin" version | sed -n 's/^tether //p')
+if [ -n "${TETHER_RELEASE_BINARY:-}" ]; then
+    bin=$TETHER_RELEASE_BINARY
+else
+    bin=$("$root/packaging/static/build.sh" | tail -n 1)
+fi
+[ -x "$bin" ] || { echo "release.sh: no static binary at '$bin'" >&2; exit 1; }
+got=$("$bin" version | sed -n 's/^tether //p') ||
+    { echo "release.sh: $bin does not run" >&2; exit 1; }
 [ "$got" = "$version" ] ||
     { echo "release.sh: $bin says version '$got', meson.build says '$version'" >&2; exit 1; }
 

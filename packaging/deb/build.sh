@@ -13,9 +13,12 @@ here=$(cd "$(dirname "$0")" && pwd)
 pkg_root=$(cd "$here/.." && pwd)
 
 [ -x "$bin" ] || { echo "build.sh: $bin is not an executable" >&2; exit 1; }
-file -b "$bin" | grep -q 'statically linked' ||
-    { echo "build.sh: $bin is not statically linked (packaging/static/build.sh makes one)" >&2; exit 1; }
-version=$("$bin" version | sed -n 's/^tether \([0-9][0-9A-Za-z.+~-]*\)$/\1/p')
+case "$(file -b "$bin")" in
+*x86-64*'statically linked'*) ;;
+*) echo "build.sh: $bin is not a statically linked x86-64 binary (packaging/static/build.sh makes one)" >&2; exit 1 ;;
+esac
+version=$("$bin" version | sed -n 's/^tether \([0-9][0-9A-Za-z.+~-]*\)$/\1/p') ||
+    { echo "build.sh: $bin does not run" >&2; exit 1; }
 [ -n "$version" ] || { echo "build.sh: '$bin version' names no version" >&2; exit 1; }
 
 stage=$(mktemp -d)
