@@ -162,7 +162,7 @@ int cli_client_resolve(struct cli_client *c)
      * unsetenv only drops the pointer: the bytes stay in the initial environment, which
      * /proc/PID/environ (ps e) shows, so they are overwritten first. */
     char *env_value = getenv("TETHER_TOKEN");
-    char *env_token = env_value ? strdup(env_value) : NULL;
+    char *env_token = env_value && env_value[0] ? strdup(env_value) : NULL;
     if (env_value)
         memset(env_value, 0, strlen(env_value));
     unsetenv("TETHER_TOKEN");

@@ -657,7 +657,7 @@ static int config_ssh_run(struct config_ssh *s, int argc, char **argv)
     }
     /* The entries name the token by its path: a token only in the environment has none. */
     if (!s->remove && !s->cc.token_file && !cli_env("TETHER_TOKEN_FILE") &&
-        getenv("TETHER_TOKEN")) {
+        cli_env("TETHER_TOKEN")) {
         cli_error("config-ssh needs --token-file FILE: the ssh config refers to the token by "
                   "its path, so TETHER_TOKEN cannot be used");
         return EXIT_USAGE;

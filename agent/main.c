@@ -131,7 +131,7 @@ static int cmd_version(void)
 #elif defined(TETHER_LIBC_VERSION) /* the static build (packaging/static/build.sh) */
     printf("%s, statically linked\n", TETHER_LIBC_VERSION);
 #else
-    printf("musl libc, statically linked\n");
+    printf("not glibc\n");
 #endif
     return EXIT_OK;
 }

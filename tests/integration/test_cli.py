@@ -232,7 +232,7 @@ def test_agent_sigterm_exits_0_and_disconnects(harness, relay, agent):
 
 def test_empty_environment_variables_count_as_unset(harness, relay):
     """TETHER_TOKEN_FILE= (cleared in a later layer of an image, say) does not hide
-    TETHER_TOKEN, and an empty TETHER_URL is reported as missing, not as a bad URL."""
+    TETHER_TOKEN, and an empty TETHER_URL or TETHER_TOKEN is reported as missing."""
     env = dict(os.environ, TETHER_URL=relay.url, TETHER_TOKEN_FILE="",
                TETHER_TOKEN=harness.tokens.user_token())
     r = harness.run("status", env=env)
@@ -241,6 +241,10 @@ def test_empty_environment_variables_count_as_unset(harness, relay):
     env.pop("TETHER_TOKEN_FILE", None)
     r = harness.run("status", env=env)
     assert r.returncode == 2 and "no relay URL: give --url URL or set TETHER_URL" in r.stderr, r
+    env = dict(os.environ, TETHER_URL=relay.url, TETHER_TOKEN="")
+    env.pop("TETHER_TOKEN_FILE", None)
+    r = harness.run("status", env=env)
+    assert r.returncode == 2 and "no token: give --token-file FILE" in r.stderr, r
 
 
 def test_agent_env_url_and_token_file(harness, relay):
