@@ -27,7 +27,8 @@
 
 /*
  * ROUTE_TCP and ROUTE_SSH are client byte pipes, ROUTE_PTY a terminal: each websocket is
- * one tunnel stream.
+ * one tunnel stream. ROUTE_HEALTH is GET /healthz, answered without a token
+ * (PROTOCOL.md 14.4.3).
  */
 enum route_kind {
     ROUTE_NONE,
@@ -35,7 +36,7 @@ enum route_kind {
     ROUTE_ONE,
     ROUTE_LOGS,
     ROUTE_METRICS,
-    ROUTE_HEALTH, /* GET /healthz: the relay answers; no token (PROTOCOL.md 14.4.3) */
+    ROUTE_HEALTH,
     ROUTE_AGENT,
     ROUTE_TCP,
     ROUTE_SSH,

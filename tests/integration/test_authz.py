@@ -228,6 +228,8 @@ class Route:
         k = self.kind
         if k in ("LIST", "METRICS"):
             return 200 if bearer_user else 401
+        if k == "HEALTH":
+            return 200              # for probes: no credential needed, none refused
         if k in ("ONE", "LOGS"):
             if not bearer_user:
                 return 401
@@ -261,7 +263,10 @@ class Route:
 
     def check_content(self, env, cred, ws, r):
         """What a successful answer holds, beyond its status."""
-        if r.status == 200 and self.kind == "LIST":
+        if self.kind == "HEALTH":
+            # The same answer for everyone, and it names no workspace.
+            assert json.loads(r.body) == {"status": "ok"}, (cred, r.body)
+        elif r.status == 200 and self.kind == "LIST":
             names = [w["name"] for w in json.loads(r.body)]
             want = [w for w in WORKSPACES if allowed(cred, w)]
             assert names == want, "list for %s: %r, want %r" % (cred, names, want)
@@ -296,6 +301,7 @@ ENDPOINTS = [
     Route("logs", "GET", API + "/{ws}/logs", "api", "LOGS", ["/logs"]),
     Route("logs-query", "GET", API + "/{ws}/logs?after=0", "api", "LOGS", ["/logs"]),
     Route("metrics", "GET", "/metrics", "api", "METRICS", ["/metrics"]),
+    Route("healthz", "GET", "/healthz", "api", "HEALTH", ["/healthz"]),
     Route("ws-agent", "GET", "/api/v1/agent", "api", "AGENT", ["/api/v1/agent"],
           upgrade=True, subprotocol="tether.v1"),
     Route("ws-tcp", "GET", API + "/{ws}/tcp/{port}", "api", "TCP", ["/tcp/"], upgrade=True),
@@ -321,10 +327,11 @@ WRONG_TRANSPORT = (
     [("GET", p, False) for p in ["/api/v1/agent", API + "/{ws}/tcp/22", API + "/{ws}/ssh",
                                  API + "/{ws}/pty" + PTY_QUERY]] +
     [("GET", p, True) for p in [API, API + "/", API + "/{ws}", API + "/{ws}/logs", "/metrics",
+                                "/healthz",
                                 "/w/{ws}", "/w/{ws}/login", "/w/{ws}/logout",
                                 "/web/term.js"]])
 NOT_ENDPOINTS = ["/", "/api", "/api/v1", "/api/v1/", "/api/v1/agent/", "/api/v1/agents",
-                 "/metrics/", API + "/{ws}/", API + "/{ws}/tcp",
+                 "/metrics/", "/healthz/", API + "/{ws}/", API + "/{ws}/tcp",
                  API + "/{ws}/tcp/", API + "/{ws}/tcp/0", API + "/{ws}/tcp/65536",
                  API + "/{ws}/tcp/22x", API + "/{ws}/tcp/-1", API + "/{ws}/ssh/",
                  API + "/{ws}/pty/x", API + "/{ws}/logs/", API + "/{ws}/extra",
