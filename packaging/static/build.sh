@@ -145,7 +145,10 @@ unpack() {
 # musl-gcc sees only musl's headers; libuv, libwebsockets and tether need the kernel's
 # (linux/, asm/), which Debian's linux-libc-dev provides and which are libc-neutral.
 prefix=$dir/deps
-cflags="-O2 -ffunction-sections -fdata-sections -isystem $prefix/kernel-include"
+# Sections per function and object, so that the final link (--gc-sections) drops what
+# tether does not call; the kernel's headers beside musl's.
+common_cflags="-ffunction-sections -fdata-sections -isystem $prefix/kernel-include"
+cflags="-O2 $common_cflags"
 
 toolchain() {
     mkdir -p "$prefix/kernel-include" "$prefix/lib" "$prefix/include"
@@ -322,7 +325,7 @@ build_tether() {
         say "configuring tether"
         CC=musl-gcc meson setup "$b" "$root" -Dbuildtype=release -Db_pie=false \
             -Dprefer_static=true -Ddefault_library=static \
-            -Dc_args="-isystem $prefix/kernel-include -ffunction-sections -fdata-sections '-DTETHER_LIBC_VERSION=\"musl $musl_version\"'" \
+            -Dc_args="$common_cflags '-DTETHER_LIBC_VERSION=\"musl $musl_version\"'" \
             -Dc_link_args="-static -Wl,--gc-sections" >"$dir/meson.log" 2>&1 ||
             { tail -n 30 "$dir/meson.log" >&2; die "meson setup failed"; }
         echo "$want" >"$b/.stamp-tether"

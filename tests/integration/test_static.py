@@ -22,10 +22,12 @@ import subprocess
 import pexpect
 import pytest
 
-from conftest import (SshEnv, WORKSPACES, can_unshare_pid, echo_roundtrip,
+from conftest import (REPO_ROOT, SshEnv, WORKSPACES, can_unshare_pid, echo_roundtrip,
                       mount_namespace_available, wait_until)
+from test_tls import pki, tls_relay  # noqa: F401  (fixtures: a test CA, a TLS relay)
 
 pytestmark = pytest.mark.static_build
+REPO = str(REPO_ROOT)
 
 MAX_SIZE = 4 * 1024 * 1024  # the issue's bound on the stripped static binary
 USER, UID, HOME = "devuser", 4321, "/home/devuser"
@@ -221,8 +223,7 @@ def test_reconnecting_pty_in_an_empty_root(chroot_env, tether_bin, tokens):
 def test_deb_installs_into_a_root_and_runs(static_bin, harness, tmp_path):
     """packaging/deb/build.sh's package, installed by dpkg into an empty root, serves SSH."""
     needs_root_and_namespaces()
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    r = subprocess.run([os.path.join(repo, "packaging/deb/build.sh"), static_bin,
+    r = subprocess.run([os.path.join(REPO, "packaging/deb/build.sh"), static_bin,
                         str(tmp_path / "out")], capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r
     deb = r.stdout.strip().split("\n")[-1]
@@ -257,13 +258,12 @@ def test_deb_installs_into_a_root_and_runs(static_bin, harness, tmp_path):
 def test_release_ships_binary_deb_and_sums_of_one_version(static_bin, tmp_path):
     """packaging/release.sh: the version comes from meson.build alone, and SHA256SUMS
     checks every file it ships."""
-    repo = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    with open(os.path.join(repo, "meson.build")) as f:
+    with open(os.path.join(REPO, "meson.build")) as f:
         version = re.search(r"^  version : '([^']+)',$", f.read(), re.M).group(1)
     out = tmp_path / "dist"
     # The binary under test, not a build of it: the static build's cache is not touched.
     env = dict(os.environ, TETHER_RELEASE_BINARY=static_bin)
-    r = subprocess.run([os.path.join(repo, "packaging/release.sh"), str(out)],
+    r = subprocess.run([os.path.join(REPO, "packaging/release.sh"), str(out)],
                        capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r
     assert r.stdout.strip().split("\n")[-1] == str(out)
@@ -277,9 +277,6 @@ def test_release_ships_binary_deb_and_sums_of_one_version(static_bin, tmp_path):
     first = subprocess.run([str(binary), "version"], capture_output=True, text=True).stdout
     assert first.split("\n")[0] == "tether " + version
 
-
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def test_static_build_refuses_a_source_that_does_not_match_its_pin(tmp_path):
@@ -344,33 +341,13 @@ def test_devcontainer_feature_installs_and_starts_the_agent_in_an_empty_root(
 
 
 def test_wss_to_an_openssl_relay_trusting_the_images_ca_bundle(static_bin, harness, tmp_path,
-                                                                 servers):
+                                                                 servers, tls_relay, pki):
     """The static agent (mbedTLS) dials a relay that serves TLS with OpenSSL, and verifies its
     certificate against the image's /etc/ssl/certs/ca-certificates.crt, the default where no
     --ca-file is given; a forward then carries bytes through it intact."""
     needs_root_and_namespaces()
-    pki = tmp_path / "pki"
-    pki.mkdir()
-
-    def openssl(*args):
-        subprocess.run(["openssl"] + list(args), cwd=str(pki), check=True,
-                       capture_output=True, timeout=60)
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", "ca.key", "-out", "ca.pem", "-days", "2", "-subj", "/CN=tether test CA")
-    openssl("req", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", "srv.key", "-out", "srv.csr", "-subj", "/CN=localhost")
-    (pki / "ext.cnf").write_text("subjectAltName=DNS:localhost\n")
-    openssl("x509", "-req", "-in", "srv.csr", "-CA", "ca.pem", "-CAkey", "ca.key",
-            "-CAcreateserial", "-out", "srv.pem", "-days", "2", "-extfile", "ext.cnf")
-    relay = harness.relay(extra=["--tls-cert", pki / "srv.pem", "--tls-key", pki / "srv.key"],
-                          wait=False)
-    port = wait_until(lambda: (re.search(r"relay listening on wss://127\.0\.0\.1:(\d+)",
-                                         relay.stderr()) or [None, None])[1],
-                      what="the TLS relay to listen")
-    url = "wss://localhost:%s" % port
-
-    openssl("req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes",
-            "-keyout", "other.key", "-out", "other.pem", "-days", "2", "-subj", "/CN=other")
+    _, port = tls_relay
+    url = "wss://localhost:%d" % port
 
     def agent_trusting(ca, name):
         root = str(tmp_path / name)
@@ -417,3 +394,16 @@ def test_a_root_without_dev_urandom_is_refused_with_the_reason(static_bin, tmp_p
                        capture_output=True, text=True, timeout=30)
     assert r.returncode == 1, r
     assert "cannot read /dev/urandom (No such file or directory)" in r.stderr, r.stderr
+
+
+def test_release_refuses_a_binary_of_another_version(tmp_path):
+    """The version has one source: a binary that says otherwise is not shipped."""
+    fake = tmp_path / "tether"
+    fake.write_text("#!/bin/sh\necho 'tether 9.9.9'\n")
+    fake.chmod(0o755)
+    out = tmp_path / "dist"
+    r = subprocess.run([os.path.join(REPO, "packaging/release.sh"), str(out)],
+                       capture_output=True, text=True, timeout=60,
+                       env=dict(os.environ, TETHER_RELEASE_BINARY=str(fake)))
+    assert r.returncode == 1 and "says version '9.9.9', meson.build says" in r.stderr, r
+    assert not out.exists() or os.listdir(str(out)) == []
