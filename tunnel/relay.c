@@ -97,6 +97,7 @@ struct relay_client {
     bool fin_to_client_sent;
     bool closing;
     bool close_sent;
+    bool peer_closed; /* its close frame came: lws still passes on frames behind it */
     int close_code;
     char close_reason[124];
     struct chunkq to_client;    /* from the agent, waiting for the client's socket */
@@ -112,6 +113,7 @@ struct relay_agent {
     struct relay_workspace *ws;
     bool current;            /* ws->agent == this */
     bool close_after_flush;  /* close once the output is out */
+    bool peer_closed;        /* its close frame came: lws still passes on frames behind it */
     uint64_t drain_deadline; /* GOAWAY either way: streams may finish until then (0 = no) */
     uint64_t close_deadline; /* close_after_flush was set: kill the socket after this */
     uint64_t validity_ms;    /* wsctx_confirm_valid's last confirmation */
@@ -1240,7 +1242,7 @@ static int pty_writable(struct relay *r, struct relay_client *c)
 static void client_receive(struct relay_client *c, const uint8_t *in, size_t len, bool binary,
                            bool first, bool final)
 {
-    if (c->closing)
+    if (c->closing || c->peer_closed)
         return;
     if (c->pty) {
         pty_client_receive(c, in, len, binary, first, final);
@@ -1543,7 +1545,7 @@ static int agent_established(struct relay *r, struct lws *wsi, struct relay_pss 
 static void agent_receive(struct relay_agent *a, const uint8_t *in, size_t len, bool binary,
                           bool final)
 {
-    if (a->close_after_flush)
+    if (a->close_after_flush || a->peer_closed)
         return;
     if (a->current)
         a->ws->last_seen_ms = unix_ms();
@@ -1774,6 +1776,14 @@ static int relay_callback(struct lws *wsi, enum lws_callback_reasons reason, voi
         else if (pss->kind == PSS_CLIENT)
             client_receive(pss->obj, in, len, lws_frame_is_binary(wsi), lws_is_first_fragment(wsi),
                            lws_is_final_fragment(wsi));
+        return 0;
+    case LWS_CALLBACK_WS_PEER_INITIATED_CLOSE:
+        /* lws answers the close, but frames that followed it in the same read still come
+         * as RECEIVE: they must go nowhere (RFC 6455 5.5.1: nothing is sent after a close). */
+        if (pss->kind == PSS_AGENT)
+            ((struct relay_agent *)pss->obj)->peer_closed = true;
+        else if (pss->kind == PSS_CLIENT)
+            ((struct relay_client *)pss->obj)->peer_closed = true;
         return 0;
     case LWS_CALLBACK_SERVER_WRITEABLE:
         if (pss->kind == PSS_AGENT)

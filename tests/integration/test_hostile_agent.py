@@ -13,6 +13,7 @@ import websockets
 
 import tetherproto as tp
 from conftest import echo_roundtrip, proc_rss_kib
+from test_hostile_client import OP_BINARY, OP_CLOSE, close_payload, ws_frame
 from wspeer import Peer, PeerClosed
 
 
@@ -348,6 +349,25 @@ def test_agent_tunnel_drop_closes_clients_4010(env):
     c, reason, got = run(go())
     assert c == 4010, (c, reason)
     assert got == b"hello"
+
+
+def test_agent_frames_after_its_close_frame_go_nowhere(env):
+    """The agent's close frame ends what the relay takes from it: DATA in the same write
+    before the close reaches the client, DATA after it (which lws still passes on) does
+    not, and the client is then closed 4010 as for any tunnel drop."""
+    async def go():
+        peer = await connect_agent(env)
+        await handshake(peer)
+        client, sid = await scripted_open(env, peer, 4324)
+        await peer.send(tp.frame(tp.OPEN_OK, sid))
+        raw = (ws_frame(OP_BINARY, tp.data_frame(sid, b"before")) +
+               ws_frame(OP_CLOSE, close_payload(1000)) +
+               ws_frame(OP_BINARY, tp.data_frame(sid, b"after")))
+        peer.ws.transport.write(raw)  # one write: the relay reads all three at once
+        return await client_close_code(client)
+    c, reason, got = run(go())
+    assert got == b"before", got
+    assert c == 4010, (c, reason)
 
 
 def test_relay_respects_agent_window_and_frame_size(env):
