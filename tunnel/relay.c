@@ -125,6 +125,10 @@ enum pss_kind { PSS_NONE, PSS_AGENT, PSS_CLIENT, PSS_LOGIN };
 struct relay_pss {
     enum pss_kind kind;
     void *obj;
+    /* In relay->flush while it has output to write at the end of this loop iteration. */
+    struct lws *flush_wsi;
+    struct relay_pss *flush_next;
+    struct relay_pss **flush_pprev; /* NULL when not in the list */
 };
 
 struct relay {
@@ -137,6 +141,15 @@ struct relay {
     struct relay_agent *agents;
     bool had_clients; /* at the last tick, some agent had clients */
     uv_timer_t tick;
+    /*
+     * Agents and clients with output made during this loop iteration: written when the
+     * iteration's callbacks are done (an idle handle: it runs before the next poll, and
+     * keeps that poll from blocking), straight to a socket with room, instead of after a
+     * poll for POLLOUT (three epoll_ctl calls and a loop iteration per message).
+     */
+    uv_idle_t flush_idle;
+    bool flush_running; /* between relay_start and relay_stop */
+    struct relay_pss *flush;
     uint8_t *out; /* LWS_PRE + MUX_OUTPUT_MIN: shared, since lws keeps what it cannot send */
 };
 
@@ -893,6 +906,68 @@ static int confirm_upgrade(struct relay *r, struct lws *wsi)
     return 0;
 }
 
+/* ---- output at the end of the loop iteration ---- */
+
+static int agent_writable(struct relay *r, struct relay_agent *a);
+static int client_writable(struct relay *r, struct relay_client *c);
+
+static void flush_unlink(struct relay_pss *pss)
+{
+    if (!pss->flush_pprev)
+        return;
+    *pss->flush_pprev = pss->flush_next;
+    if (pss->flush_next)
+        pss->flush_next->flush_pprev = pss->flush_pprev;
+    pss->flush_next = NULL;
+    pss->flush_pprev = NULL;
+}
+
+/*
+ * Writes what each queued agent or client has, if its socket has room: what the socket
+ * does not take lws keeps and sends on POLLOUT, and any further output waits for WRITEABLE
+ * as before. Connections that are closing, or whose socket is full, take the WRITEABLE
+ * path too, so a close frame is only ever written from lws's callback.
+ */
+static void on_flush_idle(uv_idle_t *h)
+{
+    struct relay *r = h->data;
+    while (r->flush) {
+        struct relay_pss *pss = r->flush;
+        struct lws *wsi = pss->flush_wsi;
+        flush_unlink(pss);
+        bool closing = pss->kind == PSS_AGENT ? ((struct relay_agent *)pss->obj)->close_after_flush
+                                              : ((struct relay_client *)pss->obj)->closing;
+        if (closing || lws_send_pipe_choked(wsi)) {
+            lws_callback_on_writable(wsi);
+            continue;
+        }
+        int rc =
+            pss->kind == PSS_AGENT ? agent_writable(r, pss->obj) : client_writable(r, pss->obj);
+        if (rc < 0)
+            wsctx_kill(wsi); /* what returning -1 from WRITEABLE would have done */
+    }
+    uv_idle_stop(h);
+}
+
+/* wsi (an agent's or a client's websocket) has output: write it when this iteration ends. */
+static void want_write(struct relay *r, struct lws *wsi)
+{
+    struct relay_pss *pss = lws_wsi_user(wsi);
+    if (!r->flush_running || !pss || (pss->kind != PSS_AGENT && pss->kind != PSS_CLIENT)) {
+        lws_callback_on_writable(wsi);
+        return;
+    }
+    if (pss->flush_pprev)
+        return;
+    pss->flush_wsi = wsi;
+    pss->flush_next = r->flush;
+    if (r->flush)
+        r->flush->flush_pprev = &pss->flush_next;
+    pss->flush_pprev = &r->flush;
+    r->flush = pss;
+    uv_idle_start(&r->flush_idle, on_flush_idle);
+}
+
 /* ---- client bridges ---- */
 
 static void client_close(struct relay_client *c, int code, const char *reason)
@@ -1152,7 +1227,7 @@ static void pty_agent_data(struct relay_client *c, const uint8_t *data, size_t l
         return;
     }
     pty_release_credit(c);
-    lws_callback_on_writable(c->wsi);
+    want_write(c->agent->relay, c->wsi);
 }
 
 /* The agent's FIN (after EXIT): input has nowhere to go now; our FIN ends the stream. */
@@ -1349,8 +1424,8 @@ static void a_open_result(void *ud, uint32_t id, void *sud, uint32_t code, const
 
 static void a_stream_data(void *ud, uint32_t id, void *sud, const uint8_t *data, size_t len)
 {
+    struct relay_agent *a = ud;
     struct relay_client *c = sud;
-    (void)ud;
     (void)id;
     if (c->closing)
         return;
@@ -1362,7 +1437,7 @@ static void a_stream_data(void *ud, uint32_t id, void *sud, const uint8_t *data,
         client_close(c, LWS_CLOSE_STATUS_UNEXPECTED_CONDITION, "out of memory");
         return;
     }
-    lws_callback_on_writable(c->wsi);
+    want_write(a->relay, c->wsi);
 }
 
 static void a_stream_fin(void *ud, uint32_t id, void *sud)
@@ -1476,7 +1551,7 @@ static void a_goaway(void *ud, uint32_t code, const char *text, size_t len)
 static void a_want_write(void *ud)
 {
     struct relay_agent *a = ud;
-    lws_callback_on_writable(a->wsi);
+    want_write(a->relay, a->wsi);
 }
 
 static const struct mux_callbacks agent_mux_cb = {
@@ -1794,6 +1869,7 @@ static int relay_callback(struct lws *wsi, enum lws_callback_reasons reason, voi
     case LWS_CALLBACK_CLOSED:
         if (!pss)
             return 0;
+        flush_unlink(pss);
         if (pss->kind == PSS_AGENT)
             agent_closed(r, pss->obj);
         else if (pss->kind == PSS_CLIENT)
@@ -1874,6 +1950,9 @@ void relay_start(struct relay *r)
     uv_timer_init(r->loop, &r->tick);
     r->tick.data = r;
     uv_timer_start(&r->tick, on_tick, RELAY_TICK_MS, RELAY_TICK_MS);
+    uv_idle_init(r->loop, &r->flush_idle);
+    r->flush_idle.data = r;
+    r->flush_running = true;
 }
 
 void relay_stop(struct relay *r)
@@ -1884,6 +1963,14 @@ void relay_stop(struct relay *r)
     }
     uv_timer_stop(&r->tick);
     uv_close((uv_handle_t *)&r->tick, NULL);
+    /* What waits for the flush goes out on WRITEABLE, as everything does from now on. */
+    while (r->flush) {
+        struct relay_pss *pss = r->flush;
+        flush_unlink(pss);
+        lws_callback_on_writable(pss->flush_wsi);
+    }
+    r->flush_running = false;
+    uv_close((uv_handle_t *)&r->flush_idle, NULL);
 }
 
 void relay_free(struct relay *r)
