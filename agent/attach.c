@@ -810,6 +810,7 @@ static void connect_now(struct attach *a)
     struct wsc_params wp = {
         .context = a->rt.ws.ctx,
         .vhost = a->rt.ws.client_vhost,
+        .loop = &a->rt.loop,
         .url = &a->cc.url,
         .path = a->path,
         .token = a->cc.token,

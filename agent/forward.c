@@ -113,6 +113,7 @@ static void on_connection(uv_stream_t *server, int status)
     struct wsc_params wp = {
         .context = f->rt.ws.ctx,
         .vhost = f->rt.ws.client_vhost,
+        .loop = &f->rt.loop,
         .url = &f->cc.url,
         .path = f->path,
         .token = f->cc.token,

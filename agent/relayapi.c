@@ -94,6 +94,7 @@ int relayapi_get(const struct cli_client *cc, const char *path, json_t **doc)
     struct wsc_params p = {
         .context = g->rt.ws.ctx,
         .vhost = g->rt.ws.client_vhost,
+        .loop = &g->rt.loop,
         .url = &cc->url,
         .path = path,
         .token = cc->token,

@@ -208,6 +208,7 @@ static int ssh_proxy_run(struct ssh_proxy *p, int argc, char **argv)
         struct wsc_params wp = {
             .context = p->rt.ws.ctx,
             .vhost = p->rt.ws.client_vhost,
+            .loop = &p->rt.loop,
             .url = &p->cc.url,
             .path = p->path,
             .token = p->cc.token,

@@ -35,7 +35,6 @@ struct dial {
     unsigned attempt;        /* failed attempts since the last stable connection */
     uv_timer_t retry_timer;
     uv_timer_t keepalive_timer;
-    uv_check_t flush; /* writes the mux's output at the end of the loop iteration */
     int open_handles;
     void (*done)(void *);
     void *done_arg;
@@ -138,35 +137,16 @@ static void t_goaway(void *ud, uint32_t code, const char *text, size_t n)
     uv_timer_start(&d->retry_timer, on_drain, 0, 0);
 }
 
-static void ws_writable(void *ud, struct wsc *c);
-
 /*
- * Output is written at the end of the loop iteration that produced it (a check handle), not
- * after a further trip through the poller for POLLOUT: a keystroke's echo reaches the relay
- * one poll sooner, and what every stream produced in the iteration goes out in one write.
- * A full socket (or wss://, which lws frames) falls back to `writable`.
+ * wsc_want_write writes once the loop iteration's callbacks are done, not after a trip
+ * through the poller for POLLOUT: a keystroke's echo reaches the relay one poll sooner, and
+ * what every stream produced in the iteration goes out in one write.
  */
-static void on_flush(uv_check_t *h)
-{
-    struct dial *d = h->data;
-    uv_check_stop(h);
-    if (!d->conn || !d->mux)
-        return;
-    if (wsc_write_now(d->conn))
-        ws_writable(d, d->conn);
-    else
-        wsc_want_write(d->conn);
-}
-
 static void t_want_write(void *ud)
 {
     struct dial *d = ud;
-    if (!d->conn)
-        return;
-    if (uv_is_closing((uv_handle_t *)&d->flush)) /* stopping */
+    if (d->conn)
         wsc_want_write(d->conn);
-    else
-        uv_check_start(&d->flush, on_flush);
 }
 
 /* ---- timers ---- */
@@ -332,6 +312,7 @@ static void connect_now(struct dial *d)
     struct wsc_params p = {
         .context = d->cfg.ws->ctx,
         .vhost = d->cfg.ws->client_vhost,
+        .loop = d->loop,
         .url = &d->cfg.url,
         .path = "/api/v1/agent",
         .subprotocol = PROTO_SUBPROTOCOL,
@@ -375,11 +356,9 @@ struct dial *dial_new(uv_loop_t *loop, const struct dial_config *cfg,
     };
     uv_timer_init(loop, &d->retry_timer);
     uv_timer_init(loop, &d->keepalive_timer);
-    uv_check_init(loop, &d->flush);
     d->retry_timer.data = d;
     d->keepalive_timer.data = d;
-    d->flush.data = d;
-    d->open_handles = 3;
+    d->open_handles = 2;
     return d;
 }
 
@@ -457,5 +436,4 @@ void dial_stop(struct dial *d, void (*done)(void *arg), void *arg)
         close_retry_timer(d);
     }
     uv_close((uv_handle_t *)&d->keepalive_timer, on_handle_closed);
-    uv_close((uv_handle_t *)&d->flush, on_handle_closed);
 }

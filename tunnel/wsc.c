@@ -18,6 +18,8 @@
 #define WSC_MAX_RESPONSE 8192
 /* Seconds from TCP connect to the relay's 101 before the connection is dropped. */
 #define WSC_HANDSHAKE_TIMEOUT_S 10
+/* `writable` events at most in one flush, before POLLOUT takes over. */
+#define WSC_FLUSH_ROUNDS 16
 /* Random bytes drawn at once for masking keys: one getrandom per 64 frames. */
 #define WSC_MASK_POOL 256
 static const char ws_guid[] = "258EAFA5-E914-47DA-95CA-C5AB0DC85B11";
@@ -59,7 +61,29 @@ struct wsc {
     /* wsc_write_keep's unsent tail, in the caller's buffer: it goes out before anything else. */
     const uint8_t *tail;
     size_t tail_len;
+    /*
+     * wsc_want_write's `writable` for an open ws:// connection with room comes from an idle
+     * handle: after this iteration's callbacks and before the loop polls again (an idle
+     * handle runs before the poll and keeps it from blocking; a check handle started from
+     * a timer would wait for the next poll). Not after a trip through the poller for
+     * POLLOUT: that is three epoll_ctl calls and an epoll_wait per message, on every
+     * keystroke. Its close frees the wsc, so it is initialised first and closed last.
+     */
+    uv_idle_t flush;
+    bool in_flush;    /* inside on_flush's `writable` */
+    bool flush_again; /* ... which asked for another */
 };
+
+static void free_on_close(uv_handle_t *h)
+{
+    free(h->data);
+}
+
+/* Frees c once its idle handle is closed (at the loop's next turn). */
+static void release(struct wsc *c)
+{
+    uv_close((uv_handle_t *)&c->flush, free_on_close);
+}
 
 static int random_bytes(void *p, size_t n)
 {
@@ -151,6 +175,8 @@ struct wsc *wsc_connect(const struct wsc_params *p, const struct wsc_events *ev,
         snprintf(err, errlen, "out of memory");
         return NULL;
     }
+    uv_idle_init(p->loop, &c->flush);
+    c->flush.data = c;
     c->ev = ev;
     c->ud = ud;
     c->http_get = p->http_get;
@@ -168,7 +194,8 @@ struct wsc *wsc_connect(const struct wsc_params *p, const struct wsc_events *ev,
     if ((lws_headers && p->token && !c->auth) ||
         (!lws_headers && build_request(c, p, path, host_header) < 0)) {
         snprintf(err, errlen, "out of memory");
-        free(c);
+        free_buffers(c);
+        release(c);
         return NULL;
     }
 
@@ -199,7 +226,7 @@ struct wsc *wsc_connect(const struct wsc_params *p, const struct wsc_events *ev,
     if (!wsi || c->failed_early) {
         snprintf(err, errlen, "%s", c->reason[0] ? c->reason : "cannot start connecting");
         free_buffers(c);
-        free(c);
+        release(c);
         return NULL;
     }
     return c;
@@ -274,9 +301,37 @@ bool wsc_write_now(const struct wsc *c)
            !lws_partial_buffered(c->wsi);
 }
 
+/*
+ * `writable` for as long as the owner asks for it again (one message per event) and the
+ * socket has room, up to WSC_FLUSH_ROUNDS times; then lws's POLLOUT takes over.
+ */
+static void on_flush(uv_idle_t *h)
+{
+    struct wsc *c = h->data;
+    uv_idle_stop(h);
+    for (int round = 0; c->wsi; round++) {
+        if (round == WSC_FLUSH_ROUNDS || !wsc_write_now(c) || lws_send_pipe_choked(c->wsi)) {
+            lws_callback_on_writable(c->wsi);
+            return;
+        }
+        c->in_flush = true;
+        c->flush_again = false;
+        c->ev->writable(c->ud, c); /* may end the connection: c->wsi is NULL then */
+        c->in_flush = false;
+        if (!c->flush_again)
+            return;
+    }
+}
+
 void wsc_want_write(struct wsc *c)
 {
-    if (c->wsi)
+    if (!c->wsi)
+        return;
+    if (c->in_flush)
+        c->flush_again = true;
+    else if (wsc_write_now(c))
+        uv_idle_start(&c->flush, on_flush);
+    else
         lws_callback_on_writable(c->wsi);
 }
 
@@ -332,8 +387,9 @@ static void finish(struct wsc *c, struct lws *wsi)
         c->failed_early = true; /* wsc_connect reports it and frees */
         return;
     }
+    uv_idle_stop(&c->flush);
     c->ev->closed(c->ud, c, c->status, c->reason);
-    free(c);
+    release(c);
 }
 
 /* Sends a masked control frame (close or pong) with a payload of at most 125 bytes. */

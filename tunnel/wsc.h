@@ -42,6 +42,7 @@ struct wsc_events {
 struct wsc_params {
     struct lws_context *context;
     struct lws_vhost *vhost; /* the client vhost of wsctx */
+    uv_loop_t *loop;         /* the loop lws runs on */
     const struct tether_url *url;
     const char *path;        /* endpoint path, appended to the URL's prefix */
     const char *subprotocol; /* NULL for none */
@@ -69,7 +70,11 @@ int wsc_write(struct wsc *c, uint8_t *buf, size_t len, bool binary);
  * then (or until `closed`). For a sender with one long-lived buffer, such as the tunnel.
  */
 int wsc_write_keep(struct wsc *c, uint8_t *buf, size_t len, bool binary);
-/* Asks for a `writable` event. */
+/*
+ * Asks for a `writable` event: once this loop iteration's callbacks are done if the
+ * connection is an open ws:// one whose socket has room (wsc_write_now), else when lws
+ * sees POLLOUT.
+ */
 void wsc_want_write(struct wsc *c);
 /*
  * True when wsc_write_keep may be called right now, outside `writable`: an open ws://
