@@ -1158,7 +1158,8 @@ static int attach_run(struct attach *a, int argc, char **argv)
         cli_error("cannot read the terminal's settings: %s", uv_strerror(err));
         return EXIT_FAIL;
     }
-    struct wsctx_config wc = {.ca_file = a->cc.ca_file, .tls = a->cc.url.tls};
+    struct wsctx_config wc = {
+        .ca_file = a->cc.ca_file, .tls = a->cc.url.tls, .max_connections = WSCTX_FEW_CONNECTIONS};
     a->rt.on_signal = on_runtime_signal;
     a->rt.ud = a;
     if (cli_runtime_init(&a->rt, &wc) < 0)

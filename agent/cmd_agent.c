@@ -342,7 +342,8 @@ int cmd_agent(int argc, char **argv)
     }
     struct agent_run run;
     memset(&run, 0, sizeof(run));
-    struct wsctx_config wc = {.ca_file = cc.ca_file, .tls = cc.url.tls};
+    struct wsctx_config wc = {
+        .ca_file = cc.ca_file, .tls = cc.url.tls, .max_connections = WSCTX_FEW_CONNECTIONS};
     run.rt.on_signal = on_agent_signal;
     run.rt.ud = &run;
     if (cli_runtime_init(&run.rt, &wc) < 0) {

@@ -84,7 +84,8 @@ int relayapi_get(const struct cli_client *cc, const char *path, json_t **doc)
         return EXIT_FAIL;
     }
     g->exit_code = EXIT_FAIL;
-    struct wsctx_config wc = {.ca_file = cc->ca_file, .tls = cc->url.tls};
+    struct wsctx_config wc = {
+        .ca_file = cc->ca_file, .tls = cc->url.tls, .max_connections = WSCTX_FEW_CONNECTIONS};
     g->rt.on_signal = on_get_signal;
     g->rt.ud = g;
     if (cli_runtime_init(&g->rt, &wc) < 0) {

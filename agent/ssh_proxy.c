@@ -198,7 +198,8 @@ static int ssh_proxy_run(struct ssh_proxy *p, int argc, char **argv)
         return rc;
     if ((rc = cli_client_resolve(&p->cc)) != EXIT_OK)
         return rc;
-    struct wsctx_config wc = {.ca_file = p->cc.ca_file, .tls = p->cc.url.tls};
+    struct wsctx_config wc = {
+        .ca_file = p->cc.ca_file, .tls = p->cc.url.tls, .max_connections = WSCTX_FEW_CONNECTIONS};
     p->rt.on_signal = on_proxy_signal;
     p->rt.ud = p;
     if (cli_runtime_init(&p->rt, &wc) < 0)

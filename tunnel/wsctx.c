@@ -79,7 +79,11 @@ int wsctx_create(struct wsctx *w, const struct wsctx_config *cfg, char *err, siz
      */
     struct rlimit nofile;
     bool raise_after = false;
-    if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur != RLIM_INFINITY) {
+    if (cfg->max_connections) {
+        /* Below the descriptor limit, lws finds a descriptor's connection by a scan of its
+         * table instead of indexing it by number: a few entries cost nothing to scan. */
+        info.fd_limit_per_thread = cfg->max_connections;
+    } else if (getrlimit(RLIMIT_NOFILE, &nofile) == 0 && nofile.rlim_cur != RLIM_INFINITY) {
         if (nofile.rlim_max == RLIM_INFINITY ||
             nofile.rlim_max >= nofile.rlim_cur + WSCTX_FD_RESERVE) {
             info.fd_limit_per_thread = (unsigned)nofile.rlim_cur;

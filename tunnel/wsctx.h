@@ -29,7 +29,17 @@ struct wsctx_config {
     const char *ca_file;               /* CAs that client connections trust; NULL = system */
     bool tls;                          /* client connections use TLS (wss://): load the CAs */
     const struct wsctx_server *server; /* NULL for a process that only dials out */
+    /*
+     * Connections lws holds at once, for a process that makes only a few (the agent's
+     * tunnel, attach, ssh-proxy): lws's descriptor tables then have this many entries, not
+     * one per possible descriptor (16,384 of them are 256 KiB, all resident). 0 = one
+     * per descriptor the process may open, for the relay and `tether forward`.
+     */
+    unsigned max_connections;
 };
+
+/* max_connections for a process with one websocket at a time (and its replacement). */
+#define WSCTX_FEW_CONNECTIONS 8
 
 struct wsctx {
     struct lws_context *ctx; /* NULL once destruction finished */
