@@ -341,11 +341,13 @@ static bool can_send(struct ssh_chan *ch)
            ssh_channel_window_size(ch->channel) > 0;
 }
 
-static void read_output(struct ssh_chan *ch, struct chan_fd *w)
+/* One read of the child's output into the channel. Returns true if it filled its buffer
+ * (more may be waiting). */
+static bool read_output(struct ssh_chan *ch, struct chan_fd *w)
 {
     uint8_t buf[SSHD_READ_MAX];
     if (w->fd < 0 || !can_send(ch))
-        return;
+        return false;
     size_t want = ssh_channel_window_size(ch->channel);
     if (want > sizeof(buf))
         want = sizeof(buf);
@@ -357,25 +359,46 @@ static void read_output(struct ssh_chan *ch, struct chan_fd *w)
             ch->conn->dead = true;
         /* Output alone is activity only for forwards (traffic either way counts there). */
         activity_note(ch->conn->d->activity, chan_kind(ch), 0, (size_t)n, ch->is_socket);
-        return;
+        return rc >= 0 && (size_t)n == want;
     }
     if (n < 0 && (errno == EAGAIN || errno == EINTR)) {
         /* A PTY whose shell has exited: what was left is read, the rest belongs to orphans. */
         if (ch->pty && ch->exited)
             fd_close(w);
-        return;
+        return false;
     }
     if (ch->is_socket) {
         if (n == 0 && !ch->eof_sent) { /* half close: the client may still send */
             ch->eof_sent = true;
             ssh_channel_send_eof(ch->channel);
-            return;
+            return false;
         }
         ch->state = CHAN_DONE; /* reset or error: the forward is over */
         ssh_channel_close(ch->channel);
-        return;
+        return false;
     }
     fd_close(w); /* end of file (or EIO: a PTY with no process left on it) */
+    return false;
+}
+
+/*
+ * Up to SSHD_READ_BURST reads of output per wake-up, with one libssh poll of its socket after
+ * each. libssh asks to be told the socket is writable again after every write it makes
+ * (SSH_WRITE_PENDING, which can_send waits out); the poll tells it at once when the socket
+ * took everything, where one read per loop iteration cost a trip through the loop, four
+ * epoll_ctl calls and an epoll_wait per 32 KiB of output.
+ */
+static void read_output_burst(struct ssh_chan *ch, struct chan_fd *w)
+{
+    struct ssh_conn *c = ch->conn;
+    for (int i = 0; i < SSHD_READ_BURST && read_output(ch, w); i++) {
+        if (c->dead || !c->event)
+            return;
+        if (ssh_event_dopoll(c->event, 0) == SSH_ERROR) {
+            c->dead = true;
+            return;
+        }
+    }
 }
 
 /* Converts bare newlines for a terminal in raw mode. */
@@ -587,7 +610,7 @@ static void on_fd_ready(uv_poll_t *h, int status, int events)
     if ((events & UV_WRITABLE) && w == input_watch(ch))
         flush_input(ch);
     if ((events & UV_READABLE) && w != &ch->in)
-        read_output(ch, w);
+        read_output_burst(ch, w);
     c->in_io--;
     ssh_conn_after_io(c);
 }

@@ -535,6 +535,20 @@ int ssh_conn_start(struct sshd *d, int fd, bool local)
     return 0;
 }
 
+/*
+ * A unix socket polls writable only while less than a quarter of its send buffer is queued:
+ * with the default (208 KiB) that is about 52 KiB, so libssh, which waits for POLLOUT after
+ * every write, stopped after two 32 KiB packets per loop iteration. The kernel caps the size
+ * at net.core.wmem_max (208 KiB by default, then doubled); what is queued is kernel memory
+ * for as long as the other end has not read it.
+ */
+static void sshd_socketpair_buffers(const int sv[2])
+{
+    int size = SSHD_SOCKETPAIR_BUFFER;
+    for (int i = 0; i < 2; i++)
+        setsockopt(sv[i], SOL_SOCKET, SO_SNDBUF, &size, sizeof(size));
+}
+
 void sshd_serve_stream(struct sshd *d, struct portfwd_shared *pf, struct mux *m, uint32_t id)
 {
     int sv[2];
@@ -545,7 +559,7 @@ void sshd_serve_stream(struct sshd *d, struct portfwd_shared *pf, struct mux *m,
     int rc = 0;
     if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) < 0)
         rc = -errno;
-    else if ((rc = ssh_conn_start(d, sv[0], false)) < 0)
+    else if (sshd_socketpair_buffers(sv), (rc = ssh_conn_start(d, sv[0], false)) < 0)
         close(sv[1]);
     if (rc < 0) {
         char why[128];

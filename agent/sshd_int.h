@@ -66,7 +66,9 @@ struct sshd {
  * half of it), and the buffer is pulled empty in one read (see flush_input).
  */
 #define SSHD_STDIN_MAX (4u * 1024 * 1024)
-#define SSHD_READ_MAX 32768 /* one read of a child's output */
+#define SSHD_READ_MAX 32768                  /* one read of a child's output */
+#define SSHD_READ_BURST 8                    /* reads of a child's output per wake-up */
+#define SSHD_SOCKETPAIR_BUFFER (1024 * 1024) /* SO_SNDBUF asked for a tunnel stream's pair */
 
 /* One descriptor of a session's process, watched on the loop. */
 struct chan_fd {
