@@ -906,7 +906,7 @@ static int confirm_upgrade(struct relay *r, struct lws *wsi)
     return 0;
 }
 
-/* ---- output at the end of the loop iteration ---- */
+/* ---- output once the loop iteration's callbacks are done ---- */
 
 static int agent_writable(struct relay *r, struct relay_agent *a);
 static int client_writable(struct relay *r, struct relay_client *c);
@@ -925,8 +925,9 @@ static void flush_unlink(struct relay_pss *pss)
 /*
  * Writes what each queued agent or client has, if its socket has room: what the socket
  * does not take lws keeps and sends on POLLOUT, and any further output waits for WRITEABLE
- * as before. Connections that are closing, or whose socket is full, take the WRITEABLE
- * path too, so a close frame is only ever written from lws's callback.
+ * as before. Connections that are closing (either end sent its close frame), or whose
+ * socket is full, take the WRITEABLE path, where lws orders the close frames and sends
+ * nothing after them.
  */
 static void on_flush_idle(uv_idle_t *h)
 {
@@ -935,21 +936,21 @@ static void on_flush_idle(uv_idle_t *h)
         struct relay_pss *pss = r->flush;
         struct lws *wsi = pss->flush_wsi;
         flush_unlink(pss);
-        bool closing = pss->kind == PSS_AGENT ? ((struct relay_agent *)pss->obj)->close_after_flush
-                                              : ((struct relay_client *)pss->obj)->closing;
+        struct relay_agent *a = pss->kind == PSS_AGENT ? pss->obj : NULL;
+        struct relay_client *c = pss->kind == PSS_CLIENT ? pss->obj : NULL;
+        bool closing = a ? a->close_after_flush || a->peer_closed : c->closing || c->peer_closed;
         if (closing || lws_send_pipe_choked(wsi)) {
             lws_callback_on_writable(wsi);
             continue;
         }
-        int rc =
-            pss->kind == PSS_AGENT ? agent_writable(r, pss->obj) : client_writable(r, pss->obj);
+        int rc = a ? agent_writable(r, a) : client_writable(r, c);
         if (rc < 0)
             wsctx_kill(wsi); /* what returning -1 from WRITEABLE would have done */
     }
     uv_idle_stop(h);
 }
 
-/* wsi (an agent's or a client's websocket) has output: write it when this iteration ends. */
+/* wsi (an agent's or a client's websocket) has output: write it before the loop polls again. */
 static void want_write(struct relay *r, struct lws *wsi)
 {
     struct relay_pss *pss = lws_wsi_user(wsi);
