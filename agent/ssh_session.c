@@ -391,9 +391,8 @@ static bool read_output(struct ssh_chan *ch, struct chan_fd *w)
 static void read_output_burst(struct ssh_chan *ch, struct chan_fd *w)
 {
     struct ssh_conn *c = ch->conn;
-    for (int i = 0; i < SSHD_READ_BURST && read_output(ch, w); i++) {
-        if (c->dead || !c->event)
-            return;
+    /* A channel exists only once the key exchange is done, so c->event does too. */
+    for (int i = 0; i < SSHD_READ_BURST && read_output(ch, w) && !c->dead; i++) {
         if (ssh_event_dopoll(c->event, 0) == SSH_ERROR) {
             c->dead = true;
             return;

@@ -557,10 +557,13 @@ void sshd_serve_stream(struct sshd *d, struct portfwd_shared *pf, struct mux *m,
         return;
     }
     int rc = 0;
-    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) < 0)
+    if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0, sv) < 0) {
         rc = -errno;
-    else if (sshd_socketpair_buffers(sv), (rc = ssh_conn_start(d, sv[0], false)) < 0)
-        close(sv[1]);
+    } else {
+        sshd_socketpair_buffers(sv);
+        if ((rc = ssh_conn_start(d, sv[0], false)) < 0)
+            close(sv[1]);
+    }
     if (rc < 0) {
         char why[128];
         if (stream_out_of_fds(rc))
