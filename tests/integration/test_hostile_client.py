@@ -870,6 +870,41 @@ def test_ws_ping_flood(env):
     watch.stop()
 
 
+class StreamingServer(TcpServer):
+    """Sends bytes to each connection until it fails (the relay's stream for it ended)."""
+
+    def __init__(self):
+        super().__init__(self._handle)
+
+    def _handle(self, conn, idx):
+        chunk = b"s" * 65536
+        for _ in range(100000):  # at most 6.5 GB, far more than the test ever takes
+            try:
+                conn.sendall(chunk)
+            except OSError:
+                return
+
+
+def test_ws_client_reset_mid_download_tcp(env):
+    """Clients that vanish with a reset while the relay is writing a download to them: the
+    relay's write fails (before or after the socket is full) and it drops them, 20 in a
+    row, and stays healthy."""
+    server = StreamingServer()
+    watch = RssWatch(env.relay.pid, "ws: 20 clients reset mid-download")
+    try:
+        for i in range(20):
+            c = open_tcp(env, port=server.port)
+            got = c.read_data(64 * KiB if i % 2 else 1, timeout=20)
+            assert got, "no data before the reset"
+            c.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            c.sock.close()
+        wait_until(lambda: server.accepted == 20, timeout=15, what="20 streams to the server")
+    finally:
+        server.close()
+    others_ok(env)
+    watch.stop()
+
+
 class CountingServer(TcpServer):
     """Counts the bytes each connection receives, live."""
 
