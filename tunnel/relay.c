@@ -139,7 +139,13 @@ struct relay {
     struct relay_workspace *workspaces;
     size_t nworkspaces;
     struct relay_agent *agents;
-    bool had_clients; /* at the last tick, some agent had clients */
+    /*
+     * Client connections alive, counted until their CLOSED callback. Not the agents'
+     * client lists: a client leaves those when its close starts, and its connection (and
+     * lws's buffers for it) lives on until the peer answers the close.
+     */
+    size_t nclients;
+    bool had_clients; /* at the last tick, some client connection was alive */
     uv_timer_t tick;
     /*
      * Agents and clients with output made during this loop iteration: written when the
@@ -1089,6 +1095,7 @@ static int client_established(struct relay *r, struct lws *wsi, struct relay_pss
     chunkq_init(&c->to_client, LWS_PRE);
     pss->kind = PSS_CLIENT;
     pss->obj = c;
+    r->nclients++;
     struct relay_agent *a = w->agent;
     int rc = mux_stream_open(a->mux, &o, c, &c->stream);
     if (rc < 0) {
@@ -1735,15 +1742,13 @@ static void check_idle(struct relay *r)
 }
 
 /*
- * The last client went away: give the heap's free pages back. glibc returns only the top
- * of the heap by itself: after 1,000 forward streams closed the relay kept 19 MB of
+ * The last client connection is gone: give the heap's free pages back. glibc returns only
+ * the top of the heap by itself: after 1,000 forward streams closed the relay kept 19 MB of
  * anonymous memory it no longer used.
  */
 static void trim_when_clients_gone(struct relay *r)
 {
-    bool has = false;
-    for (struct relay_agent *a = r->agents; a && !has; a = a->next)
-        has = a->clients != NULL;
+    bool has = r->nclients > 0;
     if (!has && r->had_clients)
         heap_trim();
     r->had_clients = has;
@@ -1873,8 +1878,10 @@ static int relay_callback(struct lws *wsi, enum lws_callback_reasons reason, voi
         flush_unlink(pss);
         if (pss->kind == PSS_AGENT)
             agent_closed(r, pss->obj);
-        else if (pss->kind == PSS_CLIENT)
+        else if (pss->kind == PSS_CLIENT) {
             client_closed(pss->obj);
+            r->nclients--;
+        }
         pss->kind = PSS_NONE;
         pss->obj = NULL;
         return 0;
