@@ -178,7 +178,9 @@ static bool same_set(const struct port_entry *a, size_t na, const struct port_en
 
 static void scan(struct ports_scanner *s)
 {
-    struct port_entry *e = calloc(PORTS_MAX, sizeof(*e));
+    /* Not calloc: ports_parse clears each entry it fills, and zeroing 512 entries (64 KiB)
+     * every scan kept those pages resident in an idle agent. */
+    struct port_entry *e = malloc(PORTS_MAX * sizeof(*e));
     if (!e)
         return;
     size_t n = 0;
@@ -217,7 +219,9 @@ static void scan(struct ports_scanner *s)
         s->changed(s->ud, msg);
     json_decref(msg);
     free(s->last);
-    s->last = e;
+    /* Kept for the next comparison at its own size: the room for PORTS_MAX goes back. */
+    struct port_entry *fit = realloc(e, (n ? n : 1) * sizeof(*e));
+    s->last = fit ? fit : e;
     s->nlast = n;
     s->reported = true;
     s->unavailable = !ok;
