@@ -379,6 +379,28 @@ def test_reconnects_with_the_same_id(fake, children, tether_bin, tokens):
     assert code == 0
 
 
+def test_reconnects_more_often_than_its_connection_table_holds(fake, children, tether_bin,
+                                                               tokens):
+    """tether attach keeps libwebsockets' connection table at 8 entries
+    (WSCTX_FEW_CONNECTIONS): each dropped connection gives its entry back, so the tenth
+    connection carries input and output as the first did. (Nine quick drops: the backoff
+    grows to its 5 s cap, about 11 s in all.)"""
+    relay = fake()
+    child = spawn_attach(children, tether_bin, relay.url, tokens)
+    attached(child)
+    conn = relay.wait_conn(0)
+    for i in range(1, 10):
+        conn.drop()
+        conn = relay.wait_conn(i, timeout=20)
+    conn.send_output(b"output-on-the-tenth-connection")
+    child.expect(rb"output-on-the-tenth-connection")
+    child.send(b"input-on-the-tenth\r")
+    conn.wait_input(b"input-on-the-tenth\r")
+    conn.send_exit(0)
+    code, _ = finish(child)
+    assert code == 0
+
+
 def test_reconnect_backoff_is_bounded(fake, children, tether_bin, tokens):
     """Refused attempts are retried with backoff from 100 ms to 5 s: neither a busy loop
     nor long silences."""
