@@ -278,23 +278,31 @@ static void queue_read(const struct stream *s, uint8_t *out, size_t n)
     memcpy(out + first, s->q, n - first);
 }
 
-static int queue_append(struct stream *s, const uint8_t *data, size_t n)
+/* Makes room for n more bytes in the queue's storage (doubling it), keeping what is queued. */
+static int queue_reserve(struct stream *s, size_t n)
 {
     s->q_used = true;
-    if (s->qcap - s->qlen < n) {
-        size_t cap = s->qcap ? s->qcap : QUEUE_MIN;
-        while (cap < s->qlen + n)
-            cap *= 2;
-        uint8_t *q = malloc(cap);
-        if (!q)
-            return MUX_E_NOMEM;
-        if (s->qlen)
-            queue_read(s, q, s->qlen);
-        free(s->q);
-        s->q = q;
-        s->qcap = cap;
-        s->qhead = 0;
-    }
+    if (s->qcap - s->qlen >= n)
+        return 0;
+    size_t cap = s->qcap ? s->qcap : QUEUE_MIN;
+    while (cap < s->qlen + n)
+        cap *= 2;
+    uint8_t *q = malloc(cap);
+    if (!q)
+        return MUX_E_NOMEM;
+    if (s->qlen)
+        queue_read(s, q, s->qlen);
+    free(s->q);
+    s->q = q;
+    s->qcap = cap;
+    s->qhead = 0;
+    return 0;
+}
+
+static int queue_append(struct stream *s, const uint8_t *data, size_t n)
+{
+    if (queue_reserve(s, n) < 0)
+        return MUX_E_NOMEM;
     size_t tail = (s->qhead + s->qlen) % s->qcap;
     size_t first = min_size(n, s->qcap - tail);
     memcpy(s->q + tail, data, first);
@@ -1069,6 +1077,52 @@ int mux_stream_send(struct mux *m, uint32_t id, const uint8_t *data, size_t len)
         return 0;
     if (queue_append(s, data, n) < 0)
         return MUX_E_NOMEM;
+    ready_update(m, s);
+    return (int)n;
+}
+
+int mux_stream_reserve(struct mux *m, uint32_t id, size_t want, uint8_t **space)
+{
+    *space = NULL;
+    struct stream *s = find(m, id);
+    if (!s || s->state == ST_ACCEPTING || s->fin_queued)
+        return MUX_E_NOSTREAM;
+    if (m->dead)
+        return MUX_E_CLOSED;
+    size_t n = min_size(want, (size_t)room_of(s));
+    n = min_size(n, INT_MAX);
+    if (n == 0)
+        return 0;
+    /* The free storage, unless it is too small to be worth a read; else grow by doubling
+     * at most, so that a few bytes read into a big buffer keep a small queue. */
+    size_t free_space = s->qcap - s->qlen;
+    if (free_space >= min_size(n, QUEUE_MIN))
+        n = min_size(n, free_space);
+    else
+        n = min_size(n, s->qcap ? s->qcap : QUEUE_MIN);
+    if (queue_reserve(s, n) < 0)
+        return MUX_E_NOMEM;
+    size_t tail = (s->qhead + s->qlen) % s->qcap;
+    /* Free storage runs from the tail to the head when the queue wraps, else to the end. */
+    size_t end = s->qlen > 0 && tail <= s->qhead ? s->qhead : s->qcap;
+    *space = s->q + tail;
+    return (int)min_size(n, end - tail);
+}
+
+int mux_stream_commit(struct mux *m, uint32_t id, size_t n)
+{
+    struct stream *s = find(m, id);
+    if (!s || s->state == ST_ACCEPTING || s->fin_queued)
+        return MUX_E_NOSTREAM;
+    if (m->dead)
+        return MUX_E_CLOSED;
+    if (n == 0)
+        return 0;
+    size_t tail = s->qcap ? (s->qhead + s->qlen) % s->qcap : 0;
+    size_t end = s->qlen > 0 && tail <= s->qhead ? s->qhead : s->qcap;
+    if (n > room_of(s) || n > end - tail)
+        return MUX_E_INVALID; /* more than mux_stream_reserve offered */
+    s->qlen += n;
     ready_update(m, s);
     return (int)n;
 }

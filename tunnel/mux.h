@@ -38,6 +38,7 @@ enum mux_err {
     MUX_E_TIMEOUT = -105,  /* keepalive: nothing received within keepalive_timeout_ms */
     MUX_E_FULL = -106,     /* the control queue is full: the peer is not reading */
     MUX_E_NOTREADY = -107, /* the peer's HELLO has not arrived: no OPEN may be sent yet */
+    MUX_E_INVALID = -108,  /* an argument out of range: a commit beyond what was reserved */
 };
 
 enum mux_role {
@@ -162,6 +163,19 @@ size_t mux_stream_room(const struct mux *m, uint32_t id);
 /* Queues up to len bytes (copied); returns the count taken (<= room) or a negative error:
  * MUX_E_NOSTREAM (unknown, not accepted, or shut down), MUX_E_CLOSED, MUX_E_NOMEM. */
 int mux_stream_send(struct mux *m, uint32_t id, const uint8_t *data, size_t len);
+/*
+ * mux_stream_send without the copy: a reader reads straight into the stream's send queue.
+ * mux_stream_reserve sets *space to contiguous free storage at the queue's tail and returns
+ * its size: at most want and the stream's room, less where the ring wraps. It offers the
+ * queue's free storage, and grows the storage (doubling it at most, so that a stream that
+ * carries a few bytes keeps a small queue) only when less than 4 KiB of it is free. It
+ * returns 0 when the stream has no room, or a negative error as mux_stream_send.
+ * mux_stream_commit(n) then queues the first n bytes written there (n <= what reserve
+ * returned; 0 queues nothing; more is MUX_E_INVALID). Nothing may touch the mux between
+ * the two calls: the space is only valid until then.
+ */
+int mux_stream_reserve(struct mux *m, uint32_t id, size_t want, uint8_t **space);
+int mux_stream_commit(struct mux *m, uint32_t id, size_t n);
 /* Queues FIN after the queued data: we send nothing more. */
 int mux_stream_shutdown(struct mux *m, uint32_t id);
 /* n bytes delivered by stream_data have been drained: grants credit when half a window is. */

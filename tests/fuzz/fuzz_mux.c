@@ -55,6 +55,18 @@ static void writable(void *ud, uint32_t id, void *s)
     static const uint8_t junk[4096];
     (void)s;
     size_t room = mux_stream_room(w->m, id);
+    if (id & 2) { /* half the streams write in place, as the agent's forwards do */
+        uint8_t *space;
+        int k = mux_stream_reserve(w->m, id, sizeof(junk), &space);
+        if (k < 0 || (size_t)k > room || (k > 0 && !space))
+            abort();
+        if (k > 0) {
+            memset(space, 0xa5, (size_t)k);
+            if (mux_stream_commit(w->m, id, (size_t)k) != k)
+                abort();
+        }
+        return;
+    }
     int n = mux_stream_send(w->m, id, junk, room < sizeof(junk) ? room : sizeof(junk));
     if (n < 0 || (size_t)n > room)
         abort();

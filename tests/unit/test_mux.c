@@ -293,6 +293,25 @@ static size_t send_some(struct end *e, uint32_t id, size_t off, size_t total)
     return off;
 }
 
+/* send_some through mux_stream_reserve / mux_stream_commit, in reads of at most want. */
+static size_t reserve_some(struct end *e, uint32_t id, size_t off, size_t total, size_t want)
+{
+    while (off < total) {
+        uint8_t *space;
+        size_t left = total - off < want ? total - off : want;
+        int k = mux_stream_reserve(e->m, id, left, &space);
+        assert_true(k >= 0);
+        if (k == 0)
+            break;
+        assert_non_null(space);
+        assert_true((size_t)k <= left);
+        pattern(space, (size_t)k, id, off);
+        assert_int_equal(mux_stream_commit(e->m, id, (size_t)k), k);
+        off += (size_t)k;
+    }
+    return off;
+}
+
 /* ---- hand-built frames and parsed output ---- */
 
 struct wire {
@@ -699,6 +718,92 @@ static void test_round_robin_fairness(void **state)
     assert_int_equal(rec(b, s3)->len, each);
     assert_true(pattern_ok(rec(b, s1)->data, each, s1));
     assert_true(pattern_ok(rec(b, s3)->data, each, s3));
+    end_free(a);
+    end_free(b);
+}
+
+/*
+ * Reserve and commit carry bytes as send does: several windows, the queue's storage
+ * growing by doubling from 4 KiB when it is full, never more than the room offered, and
+ * the ring's wrap splitting reads.
+ */
+static void test_reserve_commit_carries_bytes(void **state)
+{
+    (void)state;
+    struct end *a = end_role(MUX_ROLE_AGENT), *b = end_role(MUX_ROLE_RELAY);
+    pump(a, b);
+    uint32_t id = open_stream(a);
+    pump(a, b);
+    uint8_t *space;
+    /* An empty queue offers QUEUE_MIN (4 KiB); a full one doubles its storage at most. */
+    assert_int_equal(mux_stream_reserve(a->m, id, 65536, &space), 4096);
+    assert_int_equal(mux_stream_commit(a->m, id, 0), 0);
+    assert_int_equal(reserve_some(a, id, 0, 4096, 65536), 4096);
+    assert_int_equal(mux_stream_reserve(a->m, id, 65536, &space), 4096);
+    assert_int_equal(mux_stream_queue_storage(a->m, id), 8192);
+    /* A commit beyond the reserve, or on a stream that is not there, is refused. */
+    assert_int_equal(mux_stream_commit(a->m, id, 4097), MUX_E_INVALID);
+    assert_int_equal(mux_stream_commit(a->m, 999, 1), MUX_E_NOSTREAM);
+    assert_int_equal(mux_stream_reserve(a->m, 999, 10, &space), MUX_E_NOSTREAM);
+    assert_null(space);
+    assert_int_equal(mux_stream_queued(a->m, id), 4096);
+
+    /* Up to the window: the last reserve offers exactly what is left, then nothing. */
+    size_t off = reserve_some(a, id, 4096, 10 * PROTO_DEFAULT_WINDOW, 65536);
+    assert_int_equal(off, PROTO_DEFAULT_WINDOW);
+    assert_int_equal(mux_stream_reserve(a->m, id, 65536, &space), 0);
+
+    /* Drain part of the queue so that the next bytes wrap around the ring. */
+    uint8_t *buf = outbuf();
+    size_t n = mux_output(a->m, buf, PROTO_HEADER_SIZE + PROTO_DEFAULT_FRAME_PAYLOAD);
+    assert_int_equal(n, PROTO_HEADER_SIZE + PROTO_DEFAULT_FRAME_PAYLOAD);
+    assert_int_equal(mux_feed(b->m, buf, n, T0), 0);
+    free(buf);
+    pump(a, b); /* b's credit comes back, the rest goes out */
+    size_t total = 3 * PROTO_DEFAULT_WINDOW + 123;
+    while (off < total) {
+        off = reserve_some(a, id, off, total, 65536);
+        pump(a, b);
+    }
+    struct record *rb = rec(b, id);
+    assert_int_equal(rb->len, total);
+    assert_true(pattern_ok(rb->data, total, id));
+    end_free(a);
+    end_free(b);
+}
+
+/* A reserve that meets the ring's end offers only the space up to it; the commit of it,
+ * and the next reserve at the ring's start, keep the bytes in order. */
+static void test_reserve_stops_at_the_rings_end(void **state)
+{
+    (void)state;
+    struct end *a = end_role(MUX_ROLE_AGENT), *b = end_role(MUX_ROLE_RELAY);
+    pump(a, b);
+    uint32_t id = open_stream(a);
+    pump(a, b);
+    /* 16 KiB of storage, full; then 10 KiB of it sent: head at 10 KiB, 6 KiB queued. */
+    assert_int_equal(send_some(a, id, 0, 16384), 16384);
+    assert_int_equal(mux_stream_queue_storage(a->m, id), 16384);
+    uint8_t *buf = outbuf();
+    size_t n = mux_output(a->m, buf, PROTO_HEADER_SIZE + 10240);
+    assert_int_equal(n, PROTO_HEADER_SIZE + 10240);
+    uint8_t *space;
+    /* The tail is at the ring's end: the free 10 KiB lie at its start, before the head. */
+    int k = mux_stream_reserve(a->m, id, 65536, &space);
+    assert_int_equal(k, 10240);
+    pattern(space, 10240, id, 16384);
+    assert_int_equal(mux_stream_commit(a->m, id, 10240), 10240);
+    assert_int_equal(mux_stream_queue_storage(a->m, id), 16384);
+    /* Full again: the next reserve grows the storage, copying the wrapped bytes in order. */
+    assert_int_equal(reserve_some(a, id, 16384 + 10240, 16384 + 10240 + 5000, 65536),
+                     16384 + 10240 + 5000);
+    assert_int_equal(mux_stream_queue_storage(a->m, id), 32768);
+    assert_int_equal(mux_feed(b->m, buf, n, T0), 0);
+    free(buf);
+    pump(a, b);
+    struct record *rb = rec(b, id);
+    assert_int_equal(rb->len, 16384 + 10240 + 5000);
+    assert_true(pattern_ok(rb->data, rb->len, id));
     end_free(a);
     end_free(b);
 }
@@ -1571,6 +1676,8 @@ int main(void)
         cmocka_unit_test(test_writable_when_room_reopens),
         cmocka_unit_test(test_data_after_fin_and_before_accept),
         cmocka_unit_test(test_empty_fin_and_close),
+        cmocka_unit_test(test_reserve_commit_carries_bytes),
+        cmocka_unit_test(test_reserve_stops_at_the_rings_end),
         cmocka_unit_test(test_queue_storage_kept_while_busy),
         cmocka_unit_test(test_keepalive),
         cmocka_unit_test(test_deaf_peer),
