@@ -118,15 +118,25 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 
 static void start_reading(struct portfwd *p);
 
+/* The mux could not take the target's bytes: the stream cannot go on without losing them. */
+static void close_out_of_memory(struct portfwd *p)
+{
+    log_warn("stream %u: no memory to queue the target's bytes; closing it", p->id);
+    portfwd_close(p, true);
+}
+
 static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
 {
     struct portfwd *p = s->data;
     if (nread > 0) {
         /* on_alloc sized the buffer to the stream's room, so the mux takes it all. */
-        if (p->in_place)
-            mux_stream_commit(p->mux, p->id, (size_t)nread);
-        else
-            mux_stream_send(p->mux, p->id, (const uint8_t *)buf->base, (size_t)nread);
+        int rc = p->in_place
+                     ? mux_stream_commit(p->mux, p->id, (size_t)nread)
+                     : mux_stream_send(p->mux, p->id, (const uint8_t *)buf->base, (size_t)nread);
+        if (rc == MUX_E_NOMEM) {
+            close_out_of_memory(p);
+            return;
+        }
         if (!p->is_pipe)
             activity_note(p->sh->activity, ACTIVITY_FORWARD, 0, (size_t)nread, 1);
         if (mux_stream_room(p->mux, p->id) == 0) {
@@ -142,8 +152,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     if (nread == UV_ENOBUFS && p->reserve_error != MUX_E_NOMEM)
         return; /* no credit (stream_writable restarts reading), or the stream is ending */
     if (nread == UV_ENOBUFS) {
-        log_warn("stream %u: no memory to queue the target's bytes; closing it", p->id);
-        portfwd_close(p, true);
+        close_out_of_memory(p);
         return;
     }
     if (nread == UV_EOF && (p->is_pipe || !tcp_was_reset(&p->h.tcp))) {
