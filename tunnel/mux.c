@@ -56,7 +56,8 @@ struct stream {
     uint64_t tx_sent, tx_limit;
     uint8_t *q;
     size_t qhead, qlen, qcap;
-    bool q_used; /* queue_append ran since the last mux_tick */
+    bool q_used;     /* the queue was appended to or reserved since the last mux_tick */
+    size_t reserved; /* what the last mux_stream_reserve offered, until its commit */
     /* Receiving: rx_limit is the offset we granted, rx_drained what the owner consumed. */
     uint64_t rx_recv, rx_drained, rx_limit;
 };
@@ -1046,8 +1047,14 @@ int mux_stream_reset(struct mux *m, uint32_t id, uint32_t code, const char *text
     if (!s)
         return MUX_E_NOSTREAM;
     int rc = queue_reason(m, PROTO_RST, id, code ? code : PROTO_CODE_CANCEL, text);
-    if (rc == 0)
-        stream_drop(m, s);
+    /*
+     * Forgotten either way: the owner may free what stream_ud points to. A RST that could
+     * not be queued leaves the peer out of step, so the connection ends: mux_feed fails
+     * from now on, and the transport closes.
+     */
+    stream_drop(m, s);
+    if (rc < 0)
+        m->dead = true;
     return rc;
 }
 
@@ -1106,7 +1113,8 @@ int mux_stream_reserve(struct mux *m, uint32_t id, size_t want, uint8_t **space)
     /* Free storage runs from the tail to the head when the queue wraps, else to the end. */
     size_t end = s->qlen > 0 && tail <= s->qhead ? s->qhead : s->qcap;
     *space = s->q + tail;
-    return (int)min_size(n, end - tail);
+    s->reserved = min_size(n, end - tail);
+    return (int)s->reserved;
 }
 
 int mux_stream_commit(struct mux *m, uint32_t id, size_t n)
@@ -1116,12 +1124,12 @@ int mux_stream_commit(struct mux *m, uint32_t id, size_t n)
         return MUX_E_NOSTREAM;
     if (m->dead)
         return MUX_E_CLOSED;
+    size_t offered = s->reserved;
+    s->reserved = 0;
     if (n == 0)
         return 0;
-    size_t tail = s->qcap ? (s->qhead + s->qlen) % s->qcap : 0;
-    size_t end = s->qlen > 0 && tail <= s->qhead ? s->qhead : s->qcap;
-    if (n > room_of(s) || n > end - tail)
-        return MUX_E_INVALID; /* more than mux_stream_reserve offered */
+    if (n > offered)
+        return MUX_E_INVALID; /* more than mux_stream_reserve offered, or no reserve */
     s->qlen += n;
     ready_update(m, s);
     return (int)n;

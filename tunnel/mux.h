@@ -149,7 +149,9 @@ int mux_stream_open(struct mux *m, const struct proto_open *open, void *stream_u
 int mux_stream_accept(struct mux *m, uint32_t id, void *stream_ud);
 int mux_stream_reject(struct mux *m, uint32_t id, uint32_t code, const char *text);
 /* Sends RST and forgets the stream at once (no stream_closed for it). Code 0 is sent as
- * PROTO_CODE_CANCEL (RST never carries 0). */
+ * PROTO_CODE_CANCEL (RST never carries 0). Out of memory for the RST, the stream is
+ * forgotten all the same, MUX_E_NOMEM returned, and the connection ends: mux_feed fails
+ * from then on. */
 int mux_stream_reset(struct mux *m, uint32_t id, uint32_t code, const char *text);
 void mux_stream_set_user(struct mux *m, uint32_t id, void *stream_ud);
 
@@ -171,8 +173,8 @@ int mux_stream_send(struct mux *m, uint32_t id, const uint8_t *data, size_t len)
  * carries a few bytes keeps a small queue) only when less than 4 KiB of it is free. It
  * returns 0 when the stream has no room, or a negative error as mux_stream_send.
  * mux_stream_commit(n) then queues the first n bytes written there (n <= what reserve
- * returned; 0 queues nothing; more is MUX_E_INVALID). Nothing may touch the mux between
- * the two calls: the space is only valid until then.
+ * returned; 0 queues nothing; more, or a commit without a reserve, is MUX_E_INVALID).
+ * Nothing may touch the mux between the two calls: the space is only valid until then.
  */
 int mux_stream_reserve(struct mux *m, uint32_t id, size_t want, uint8_t **space);
 int mux_stream_commit(struct mux *m, uint32_t id, size_t n);

@@ -312,6 +312,24 @@ static size_t reserve_some(struct end *e, uint32_t id, size_t off, size_t total,
     return off;
 }
 
+/*
+ * Allocation failures on purpose: the test binary is linked with --wrap=malloc, so the
+ * mux's malloc calls come here. malloc_failures_after: -1 never fails, N lets N more
+ * allocations through and fails the ones after.
+ */
+void *__real_malloc(size_t n);
+void *__wrap_malloc(size_t n);
+static int malloc_failures_after = -1;
+
+void *__wrap_malloc(size_t n)
+{
+    if (malloc_failures_after == 0)
+        return NULL;
+    if (malloc_failures_after > 0)
+        malloc_failures_after--;
+    return __real_malloc(n);
+}
+
 /* ---- hand-built frames and parsed output ---- */
 
 struct wire {
@@ -743,6 +761,7 @@ static void test_reserve_commit_carries_bytes(void **state)
     assert_int_equal(mux_stream_queue_storage(a->m, id), 8192);
     /* A commit beyond the reserve, or on a stream that is not there, is refused. */
     assert_int_equal(mux_stream_commit(a->m, id, 4097), MUX_E_INVALID);
+    assert_int_equal(mux_stream_commit(a->m, id, 1), MUX_E_INVALID); /* no reserve before */
     assert_int_equal(mux_stream_commit(a->m, 999, 1), MUX_E_NOSTREAM);
     assert_int_equal(mux_stream_reserve(a->m, 999, 10, &space), MUX_E_NOSTREAM);
     assert_null(space);
@@ -804,6 +823,33 @@ static void test_reserve_stops_at_the_rings_end(void **state)
     struct record *rb = rec(b, id);
     assert_int_equal(rb->len, 16384 + 10240 + 5000);
     assert_true(pattern_ok(rb->data, rb->len, id));
+    end_free(a);
+    end_free(b);
+}
+
+/* A RST that cannot be queued (out of memory): the stream is forgotten all the same, since
+ * its owner may free what it pointed to, and the connection ends. */
+static void test_reset_out_of_memory_forgets_the_stream(void **state)
+{
+    (void)state;
+    struct end *a = end_role(MUX_ROLE_AGENT), *b = end_role(MUX_ROLE_RELAY);
+    pump(a, b);
+    uint32_t id = open_stream(a), other = open_stream(a);
+    pump(a, b);
+    assert_int_equal(mux_stream_count(a->m), 2);
+    malloc_failures_after = 0;
+    int rc = mux_stream_reset(a->m, id, PROTO_CODE_CANCEL, "gone");
+    malloc_failures_after = -1;
+    assert_int_equal(rc, MUX_E_NOMEM);
+    assert_int_equal(mux_stream_count(a->m), 1);
+    assert_int_equal(mux_stream_room(a->m, id), 0);
+    assert_int_equal(rec(a, id)->closed, 0); /* no stream_closed: the owner asked */
+    assert_true(mux_is_closing(a->m));
+    /* The peer is out of step: nothing more is taken from it, nor sent to it. */
+    assert_int_equal(mux_stream_send(a->m, other, (const uint8_t *)"x", 1), MUX_E_CLOSED);
+    uint8_t ping[PROTO_HEADER_SIZE + 8] = {0};
+    proto_header_encode(ping, PROTO_PING, 0, 0, 8);
+    assert_int_equal(mux_feed(a->m, ping, sizeof(ping), T0), MUX_E_PROTOCOL);
     end_free(a);
     end_free(b);
 }
@@ -1678,6 +1724,7 @@ int main(void)
         cmocka_unit_test(test_empty_fin_and_close),
         cmocka_unit_test(test_reserve_commit_carries_bytes),
         cmocka_unit_test(test_reserve_stops_at_the_rings_end),
+        cmocka_unit_test(test_reset_out_of_memory_forgets_the_stream),
         cmocka_unit_test(test_queue_storage_kept_while_busy),
         cmocka_unit_test(test_keepalive),
         cmocka_unit_test(test_deaf_peer),
