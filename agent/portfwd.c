@@ -118,10 +118,16 @@ static void on_alloc(uv_handle_t *h, size_t suggested, uv_buf_t *buf)
 
 static void start_reading(struct portfwd *p);
 
-/* The mux could not take the target's bytes: the stream cannot go on without losing them. */
-static void close_out_of_memory(struct portfwd *p)
+/* The mux did not take the target's bytes (rc, a MUX_E_*): the stream cannot go on
+ * without losing them. */
+static void close_unqueued(struct portfwd *p, int rc)
 {
-    log_warn("stream %u: no memory to queue the target's bytes; closing it", p->id);
+    if (rc == MUX_E_NOMEM)
+        log_warn("stream %u: no memory to queue the target's bytes; closing it", p->id);
+    else
+        log_debug("stream %u: the tunnel took none of the target's bytes (mux error %d); "
+                  "closing it",
+                  p->id, rc);
     portfwd_close(p, true);
 }
 
@@ -133,8 +139,8 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
         int rc = p->in_place
                      ? mux_stream_commit(p->mux, p->id, (size_t)nread)
                      : mux_stream_send(p->mux, p->id, (const uint8_t *)buf->base, (size_t)nread);
-        if (rc == MUX_E_NOMEM) {
-            close_out_of_memory(p);
+        if (rc != (int)nread) {
+            close_unqueued(p, rc);
             return;
         }
         if (!p->is_pipe)
@@ -152,7 +158,7 @@ static void on_read(uv_stream_t *s, ssize_t nread, const uv_buf_t *buf)
     if (nread == UV_ENOBUFS && p->reserve_error != MUX_E_NOMEM)
         return; /* no credit (stream_writable restarts reading), or the stream is ending */
     if (nread == UV_ENOBUFS) {
-        close_out_of_memory(p);
+        close_unqueued(p, MUX_E_NOMEM);
         return;
     }
     if (nread == UV_EOF && (p->is_pipe || !tcp_was_reset(&p->h.tcp))) {

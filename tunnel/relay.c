@@ -145,7 +145,7 @@ struct relay {
      * lws's buffers for it) lives on until the peer answers the close.
      */
     size_t nclients;
-    bool had_clients; /* at the last tick, some client connection was alive */
+    bool had_clients; /* some client connection was alive since the last tick */
     uv_timer_t tick;
     /*
      * Agents and clients with output made during this loop iteration: written when the
@@ -1096,6 +1096,7 @@ static int client_established(struct relay *r, struct lws *wsi, struct relay_pss
     pss->kind = PSS_CLIENT;
     pss->obj = c;
     r->nclients++;
+    r->had_clients = true; /* a burst may open and close between two ticks */
     struct relay_agent *a = w->agent;
     int rc = mux_stream_open(a->mux, &o, c, &c->stream);
     if (rc < 0) {
