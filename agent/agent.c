@@ -241,10 +241,13 @@ static void on_stats_timer(uv_timer_t *t)
     /*
      * With nothing open, give the heap's free pages back. glibc returns only the top of the
      * heap by itself: after 1,000 streams closed the agent kept 11 MB of anonymous memory
-     * it no longer used, chunks freed between ones still live.
+     * it no longer used, chunks freed between ones still live. So do the tunnel's output
+     * buffer's pages: 272 KiB stayed touched after 64 MiB of SSH each way.
      */
-    if (!in_use(a))
+    if (!in_use(a)) {
         heap_trim();
+        dial_trim(a->dial);
+    }
 }
 
 /* The manifest's stats_interval (seconds; 0: no stats), else the default. */

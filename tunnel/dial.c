@@ -3,7 +3,9 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
 #include <sys/random.h>
+#include <unistd.h>
 
 #include "log.h"
 #include "wsc.h"
@@ -266,6 +268,18 @@ static void ws_writable(void *ud, struct wsc *c)
 
 static void release_if_done(struct dial *d);
 static void close_retry_timer(struct dial *d);
+
+void dial_trim(struct dial *d)
+{
+    if (d->conn && wsc_keeps_buffer(d->conn))
+        return;
+    /* Only whole pages inside the buffer: the allocator's headers lie just outside it. */
+    uintptr_t page = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t start = ((uintptr_t)d->out + page - 1) & ~(page - 1);
+    uintptr_t end = ((uintptr_t)d->out + WSC_PRE + MUX_OUTPUT_MIN) & ~(page - 1);
+    if (end > start)
+        madvise((void *)start, end - start, MADV_DONTNEED); /* reads as zeros after */
+}
 
 static void ws_closed(void *ud, struct wsc *c, int status, const char *reason)
 {

@@ -53,6 +53,12 @@ int dial_send_control(struct dial *d, const json_t *msg);
 /* The current mux, or NULL while disconnected. */
 struct mux *dial_mux(struct dial *d);
 /*
+ * Gives the pages of the output buffer back to the kernel while none of its bytes wait to
+ * be sent: a big batch touches up to 1 MiB of it, which otherwise stays resident for the
+ * life of the process. For an owner that sees the connection idle.
+ */
+void dial_trim(struct dial *d);
+/*
  * Stops for good: closes the connection (GOAWAY SHUTDOWN), cancels timers, and calls done
  * once everything is released. The dial is freed before done is called.
  */

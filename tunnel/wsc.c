@@ -295,6 +295,11 @@ int wsc_write_keep(struct wsc *c, uint8_t *buf, size_t len, bool binary)
     return send_keep(c, start, n);
 }
 
+bool wsc_keeps_buffer(const struct wsc *c)
+{
+    return c->tail_len > 0;
+}
+
 bool wsc_write_now(const struct wsc *c)
 {
     return c->wsi && c->state == WSC_OPEN && !c->lws_framing && !c->tail_len && !c->pong_len &&

@@ -82,6 +82,8 @@ void wsc_want_write(struct wsc *c);
  * writes at once saves the trip through the poller that `writable` takes (latency).
  */
 bool wsc_write_now(const struct wsc *c);
+/* Whether a wsc_write_keep caller's buffer still holds bytes to send (it must stay). */
+bool wsc_keeps_buffer(const struct wsc *c);
 /* Stops or resumes reading from the peer (for connections that are not the tunnel). */
 void wsc_pause_rx(struct wsc *c, bool pause);
 /* Closes with a websocket close code and reason; `closed` follows, asynchronously. */
