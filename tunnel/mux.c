@@ -1071,13 +1071,24 @@ size_t mux_stream_room(const struct mux *m, uint32_t id)
     return s ? (size_t)room_of(s) : 0;
 }
 
-int mux_stream_send(struct mux *m, uint32_t id, const uint8_t *data, size_t len)
+/* The stream that send, reserve and commit may queue on, or why not (a MUX_E_* code). */
+static int sendable(struct mux *m, uint32_t id, struct stream **out)
 {
     struct stream *s = find(m, id);
     if (!s || s->state == ST_ACCEPTING || s->fin_queued)
         return MUX_E_NOSTREAM;
     if (m->dead)
         return MUX_E_CLOSED;
+    *out = s;
+    return 0;
+}
+
+int mux_stream_send(struct mux *m, uint32_t id, const uint8_t *data, size_t len)
+{
+    struct stream *s;
+    int rc = sendable(m, id, &s);
+    if (rc < 0)
+        return rc;
     size_t n = min_size(len, (size_t)room_of(s));
     n = min_size(n, INT_MAX);
     if (n == 0)
@@ -1091,11 +1102,10 @@ int mux_stream_send(struct mux *m, uint32_t id, const uint8_t *data, size_t len)
 int mux_stream_reserve(struct mux *m, uint32_t id, size_t want, uint8_t **space)
 {
     *space = NULL;
-    struct stream *s = find(m, id);
-    if (!s || s->state == ST_ACCEPTING || s->fin_queued)
-        return MUX_E_NOSTREAM;
-    if (m->dead)
-        return MUX_E_CLOSED;
+    struct stream *s;
+    int rc = sendable(m, id, &s);
+    if (rc < 0)
+        return rc;
     size_t n = min_size(want, (size_t)room_of(s));
     n = min_size(n, INT_MAX);
     if (n == 0)
@@ -1119,11 +1129,10 @@ int mux_stream_reserve(struct mux *m, uint32_t id, size_t want, uint8_t **space)
 
 int mux_stream_commit(struct mux *m, uint32_t id, size_t n)
 {
-    struct stream *s = find(m, id);
-    if (!s || s->state == ST_ACCEPTING || s->fin_queued)
-        return MUX_E_NOSTREAM;
-    if (m->dead)
-        return MUX_E_CLOSED;
+    struct stream *s;
+    int rc = sendable(m, id, &s);
+    if (rc < 0)
+        return rc;
     size_t offered = s->reserved;
     s->reserved = 0;
     if (n == 0)

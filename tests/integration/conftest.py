@@ -67,12 +67,17 @@ def free_port():
     return port
 
 
-def proc_rss_kib(pid):
+def proc_status_kib(pid, field):
+    """A KiB figure of /proc/PID/status: "VmRSS", "RssAnon", "VmHWM"."""
     with open("/proc/%d/status" % pid) as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1])
-    raise AssertionError("no VmRSS for pid %d" % pid)
+    raise AssertionError("no %s for pid %d" % (field, pid))
+
+
+def proc_rss_kib(pid):
+    return proc_status_kib(pid, "VmRSS")
 
 
 def proc_cpu_seconds(pid):

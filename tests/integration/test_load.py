@@ -31,7 +31,7 @@ from pathlib import Path
 import pytest
 
 from conftest import (FORWARD_RE, LISTEN_RE, REPO_ROOT, Forward, Relay, SshEnv, proc_rss_kib,
-                      wait_until, write_private)
+                      proc_status_kib, wait_until, write_private)
 
 LOAD_DIR = REPO_ROOT / "tests" / "load"
 SANITIZED = bool(os.environ.get("TETHER_SANITIZED"))
@@ -215,14 +215,6 @@ def test_memory_comes_back_after_1000_streams_close(tether_bin, tmp_path, nofile
         assert kept[k] < 3 * MiB, "%s kept %d KiB of the %d KiB it grew" % (k, kept[k], grew[k])
 
 
-def rss_anon_kib(pid):
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1])
-    raise AssertionError("no RssAnon for pid %d" % pid)
-
-
 @pytest.mark.plain_build
 def test_memory_comes_back_after_a_download(harness, servers):
     """64 MiB downloaded through one forward stream, then the agent idle past its stats
@@ -235,7 +227,7 @@ def test_memory_comes_back_after_a_download(harness, servers):
     src = servers.source(64 * 1024 * 1024, seed=41)
     fwd = harness.forward(relay, "alpha", src.port)
     time.sleep(2.5)  # past the agent's stats tick after start-up
-    before = rss_anon_kib(agent.pid)
+    before = proc_status_kib(agent.pid, "RssAnon")
     s = socket.create_connection(("127.0.0.1", fwd.port), timeout=60)
     s.settimeout(60)
     try:
@@ -251,7 +243,7 @@ def test_memory_comes_back_after_a_download(harness, servers):
     wait_until(lambda: relay.workspace("alpha").get("sessions", {}).get("forward") == 0,
                timeout=15, what="the forward session to end")
     time.sleep(2.5)  # two stats ticks with nothing open
-    after = rss_anon_kib(agent.pid)
+    after = proc_status_kib(agent.pid, "RssAnon")
     print("\nagent RssAnon before %d KiB, after 64 MiB down and idle %d KiB" % (before, after))
     assert after - before < 128, "the agent kept %d KiB after a 64 MiB download" % (
         after - before)

@@ -25,7 +25,8 @@ import paramiko
 import pexpect
 import pytest
 
-from conftest import SSH_HOST_KEY, DataGen, env_lines, proc_rss_kib, wait_until
+from conftest import (SSH_HOST_KEY, DataGen, env_lines, proc_rss_kib, proc_status_kib,
+                      wait_until)
 
 MiB = 1024 * 1024
 
@@ -113,11 +114,7 @@ def fd_count(pid):
 
 def hwm_kib(pid):
     """VmHWM: the peak resident set size of the process so far."""
-    with open("/proc/%d/status" % pid) as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmHWM for pid %d" % pid)
+    return proc_status_kib(pid, "VmHWM")
 
 
 def stable_fd_count(pid, settle=0.5, timeout=15):
